@@ -194,6 +194,11 @@ impl<R: Read> Decryptor<R> {
             if self.inbuf.len() < TAG_LEN {
                 return Err(failed()); // truncated: the last segment is missing
             }
+            if self.inbuf.len() == TAG_LEN && self.counter > 0 {
+                // Only an empty payload has an empty last segment: a full
+                // final segment is always sealed as the last one.
+                return Err(failed());
+            }
             (self.inbuf.len(), true)
         };
         let n = nonce(&self.nonce_prefix, self.counter, last);
@@ -239,5 +244,76 @@ impl<R: Read> Read for Decryptor<R> {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(segment_size: u32) -> RecordKey {
+        RecordKey {
+            dek: Zeroizing::new([9u8; 32]),
+            h_auth: [3u8; 32],
+            nonce_prefix: [1u8; 7],
+            segment_size,
+        }
+    }
+
+    fn seal(k: &RecordKey, counter: u32, last: bool, plain: &[u8]) -> Vec<u8> {
+        let c = cipher(k).expect("key");
+        let mut buf = plain.to_vec();
+        let tag = c
+            .encrypt_inout_detached(
+                &nonce(&k.nonce_prefix, counter, last),
+                &k.h_auth,
+                buf.as_mut_slice().into(),
+            )
+            .expect("seal");
+        buf.extend_from_slice(tag.as_slice());
+        buf
+    }
+
+    #[test]
+    fn hand_sealed_stream_matches_the_encryptor() {
+        let k = key(1024);
+        let plain = vec![7u8; 1500];
+        let mut e = k.encryptor(Vec::new()).expect("enc");
+        e.write_all(&plain).expect("write");
+        let ct = e.finish().expect("finish");
+        let mut expected = seal(&k, 0, false, &plain[..1024]);
+        expected.extend(seal(&k, 1, true, &plain[1024..]));
+        assert_eq!(ct, expected);
+    }
+
+    #[test]
+    fn an_empty_last_segment_after_full_ones_is_refused() {
+        let k = key(1024);
+        let plain = vec![5u8; 1024];
+        // The canonical form: one full last segment.
+        let ok = seal(&k, 0, true, &plain);
+        let mut out = Vec::new();
+        k.decryptor(&ok[..])
+            .expect("dec")
+            .read_to_end(&mut out)
+            .expect("canonical stream decrypts");
+        assert_eq!(out, plain);
+        // The other form: a full non-last segment, then an empty last one.
+        let mut alt = seal(&k, 0, false, &plain);
+        alt.extend(seal(&k, 1, true, &[]));
+        assert!(
+            k.decryptor(&alt[..])
+                .expect("dec")
+                .read_to_end(&mut Vec::new())
+                .is_err()
+        );
+        // An empty payload is one empty last segment.
+        let empty = seal(&k, 0, true, &[]);
+        let mut out = Vec::new();
+        k.decryptor(&empty[..])
+            .expect("dec")
+            .read_to_end(&mut out)
+            .expect("empty payload");
+        assert!(out.is_empty());
     }
 }

@@ -152,7 +152,9 @@ pub(crate) fn gt_in_subgroup(f: &Fq12) -> bool {
 
 /// `[k]·P` for a secret `k`, computed on the blinded scalar `k + b·r` with a
 /// fresh random 64-bit `b` (arkworks is not constant-time; blinding makes the
-/// bit pattern used differ on every call). Fixed 4-bit windows over 320 bits.
+/// bit pattern used differ on every call, so leaks do not add up over many
+/// calls). 4-bit windows over 320 bits; not regular (arkworks skips adding
+/// the identity and the table index is secret), see docs/SECURITY.md.
 pub(crate) fn blinded_mul<C: CurveGroup<ScalarField = Fr>, R: RngCore + ?Sized>(
     base: &C,
     k: &Fr,

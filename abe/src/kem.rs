@@ -252,7 +252,7 @@ impl Header {
         }
         let mut rows = Vec::with_capacity(n);
         for attribute in attrs {
-            let version = Version::new(r.u32()?);
+            let version = r.version()?;
             let c1 = r.gt()?;
             let c2 = r.g1()?;
             let c3 = r.g1()?;
@@ -329,7 +329,7 @@ fn dem_keys(m: &[u8; 32], h_auth: &[u8; 32]) -> (Zeroizing<[u8; 32]>, [u8; 32]) 
 /// Rows `(C1, C2, C3)` and `Z = egg^s` for the coins derived from `m`.
 struct Encrypted {
     rows: Vec<(Gt, G1Affine, G1Affine)>,
-    z: Gt,
+    z: Zeroizing<Gt>,
 }
 
 fn be32(i: usize) -> [u8; 4] {
@@ -365,7 +365,8 @@ fn compute_rows(
         g1_scalars[n + x] = row.dot(&w);
     }
     egg_scalars.push(u[0]);
-    let egg_pows = egg_base().mul_many(&egg_scalars);
+    // egg^λ_x are shares of the secret and egg^s is Z: wiped on drop.
+    let egg_pows: Zeroizing<Vec<Gt>> = Zeroizing::new(egg_base().mul_many(&egg_scalars));
     let g1_pows = g1_mul_many(&g1_scalars);
 
     // E^{r_x} and Y^{r_x}, batched per distinct public key.
@@ -399,7 +400,7 @@ fn compute_rows(
         .collect();
     Encrypted {
         rows,
-        z: egg_pows[n],
+        z: Zeroizing::new(egg_pows[n]),
     }
 }
 
@@ -501,16 +502,38 @@ pub fn decapsulate(
     pks: &PublicKeyRing,
 ) -> Result<RecordKey, AbeError> {
     let lsss = Lsss::<Fr>::from_policy(&header.policy)?;
+    let selection = select_rows(header, &lsss, keys)?;
+    decapsulate_rows(header, &lsss, keys, pks, &selection)
+}
+
+/// The core of decapsulation without the re-encryption check: row selection
+/// and `Z` as one multi-pairing. Only for benchmarks (to compare the core
+/// path with the bare multi-pairing); it proves nothing about the header.
+/// Available with the `hazmat` feature only.
+#[cfg(feature = "hazmat")]
+#[doc(hidden)]
+pub fn decapsulate_core(header: &Header, keys: &UserKeyRing) -> Result<Gt, AbeError> {
+    let lsss = Lsss::<Fr>::from_policy(&header.policy)?;
+    let selection = select_rows(header, &lsss, keys)?;
+    compute_z(header, keys, &selection)
+}
+
+/// Rows and coefficients to use, or the error a person can act on.
+fn select_rows(
+    header: &Header,
+    lsss: &Lsss<Fr>,
+    keys: &UserKeyRing,
+) -> Result<Vec<(usize, Fr)>, AbeError> {
     if lsss.len() != header.rows.len() {
         return Err(AbeError::DecryptionFailed);
     }
     let rows = &header.rows;
     let usable = |x: usize, a: &Attribute| matches!((keys.get(a), rows.get(x)), (Some(k), Some(r)) if k.version() == r.version);
-    let solution = match lsss.solve(usable) {
-        Ok(s) => s,
+    match lsss.solve(usable) {
+        Ok(s) => Ok(s.rows().to_vec()),
         Err(PolicyError::Unsatisfied { missing }) => {
             // Distinguish "no key at all" from "key at another version".
-            return Err(match lsss.solve(|_, a: &Attribute| keys.get(a).is_some()) {
+            Err(match lsss.solve(|_, a: &Attribute| keys.get(a).is_some()) {
                 Ok(by_attr) => by_attr
                     .rows()
                     .iter()
@@ -528,16 +551,17 @@ pub fn decapsulate(
                     missing,
                     held: keys.attributes(),
                 },
-            });
+            })
         }
-        Err(e) => return Err(e.into()),
-    };
-    decapsulate_rows(header, &lsss, keys, pks, solution.rows())
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Decapsulate with a caller-chosen row set and coefficients, skipping the
 /// satisfiability check. Exists so that tests can show that the *cryptography*
 /// refuses non-satisfying key sets; applications use [`decapsulate`].
+/// Available with the `hazmat` feature only.
+#[cfg(feature = "hazmat")]
 #[doc(hidden)]
 pub fn decapsulate_forced(
     header: &Header,
@@ -568,36 +592,7 @@ fn decapsulate_rows(
         prepared.push(Arc::clone(pk));
     }
 
-    // Z = Π C1_x^{c_x} · e(Σ c_x·C3_x, H(GID)) · Π e(−c_x·C2_x, K_x)
-    let mut c1_prod = Gt::zero();
-    let mut c3_sum = G1Projective::zero();
-    let mut g1s: Vec<G1Projective> = Vec::with_capacity(selection.len() + 1);
-    let mut g2s: Vec<G2Prepared> = Vec::with_capacity(selection.len() + 1);
-    g1s.push(G1Projective::zero()); // placeholder for Σ c_x·C3_x
-    g2s.push(keys.hashed_gid().prepared().clone());
-    for &(x, c) in selection {
-        let row = header.rows.get(x).ok_or(AbeError::DecryptionFailed)?;
-        let (key, kprep) = keys
-            .prepared(&row.attribute)
-            .ok_or(AbeError::DecryptionFailed)?;
-        if key.version() != row.version {
-            return Err(AbeError::DecryptionFailed);
-        }
-        let _ = key.point();
-        if c.is_one() {
-            c1_prod += row.c1;
-            c3_sum += row.c3;
-            g1s.push(-row.c2.into_group());
-        } else {
-            c1_prod += row.c1 * c;
-            c3_sum += row.c3 * c;
-            g1s.push(row.c2 * (-c));
-        }
-        g2s.push(kprep.clone());
-    }
-    g1s[0] = c3_sum;
-    let g1s = G1Projective::normalize_batch(&g1s);
-    let z = c1_prod + Bls12_381::multi_pairing(g1s, g2s);
+    let z = Zeroizing::new(compute_z(header, keys, selection)?);
 
     let h = header.h_imm();
     let mk = mask(&z, &h);
@@ -608,7 +603,7 @@ fn decapsulate_rows(
 
     // FO check: re-encrypt every row with the claimed versions' keys.
     let enc = compute_rows(lsss, &prepared, &m, &h);
-    let mut ok = enc.z == z;
+    let mut ok = *enc.z == *z;
     for (row, (c1, c2, c3)) in header.rows.iter().zip(enc.rows.iter()) {
         ok &= row.c1 == *c1 && row.c2 == *c2 && row.c3 == *c3;
     }
@@ -624,4 +619,41 @@ fn decapsulate_rows(
         nonce_prefix: header.nonce_prefix,
         segment_size: header.segment_size,
     })
+}
+
+/// `Z = Π C1_x^{c_x} · e(Σ c_x·C3_x, H(GID)) · Π e(−c_x·C2_x, K_x)` as one
+/// multi-pairing (|X|+1 Miller loops, one final exponentiation).
+fn compute_z(
+    header: &Header,
+    keys: &UserKeyRing,
+    selection: &[(usize, Fr)],
+) -> Result<Gt, AbeError> {
+    let mut c1_prod = Gt::zero();
+    let mut c3_sum = G1Projective::zero();
+    let mut g1s: Vec<G1Projective> = Vec::with_capacity(selection.len() + 1);
+    let mut g2s: Vec<G2Prepared> = Vec::with_capacity(selection.len() + 1);
+    g1s.push(G1Projective::zero()); // placeholder for Σ c_x·C3_x
+    g2s.push(keys.hashed_gid().prepared().clone());
+    for &(x, c) in selection {
+        let row = header.rows.get(x).ok_or(AbeError::DecryptionFailed)?;
+        let (key, kprep) = keys
+            .prepared(&row.attribute)
+            .ok_or(AbeError::DecryptionFailed)?;
+        if key.version() != row.version {
+            return Err(AbeError::DecryptionFailed);
+        }
+        if c.is_one() {
+            c1_prod += row.c1;
+            c3_sum += row.c3;
+            g1s.push(-row.c2.into_group());
+        } else {
+            c1_prod += row.c1 * c;
+            c3_sum += row.c3 * c;
+            g1s.push(row.c2 * (-c));
+        }
+        g2s.push(kprep.clone());
+    }
+    g1s[0] = c3_sum;
+    let g1s = G1Projective::normalize_batch(&g1s);
+    Ok(c1_prod + Bls12_381::multi_pairing(g1s, g2s))
 }

@@ -163,15 +163,18 @@ impl AttributeSecretKey {
     ) -> Result<(AttributeSecretKey, UpdateSecret), AbeError> {
         let next = self.version.next()?;
         loop {
-            let da = random_nonzero(rng);
-            let dy = random_nonzero(rng);
-            let alpha = self.alpha + da;
-            let y = self.y + dy;
+            let mut da = random_nonzero(rng);
+            let mut dy = random_nonzero(rng);
+            let mut alpha = self.alpha + da;
+            let mut y = self.y + dy;
             if alpha.is_zero() || y.is_zero() {
                 continue; // negligible; keeps the new secret non-zero
             }
             let sk = Self::from_parts(self.attribute.clone(), next, alpha, y, rng);
-            let us = UpdateSecret::new(self.attribute.clone(), self.version, da, dy, rng);
+            let us = UpdateSecret::new(self.attribute.clone(), self.version, da, dy);
+            for s in [&mut da, &mut dy, &mut alpha, &mut y] {
+                s.zeroize();
+            }
             return Ok((sk, us));
         }
     }
@@ -192,7 +195,7 @@ impl AttributeSecretKey {
     pub fn from_bytes<R: RngCore + ?Sized>(bytes: &[u8], rng: &mut R) -> Result<Self, AbeError> {
         let mut r = Reader::new(bytes, Kind::SecretKey, 512)?;
         let attribute = read_attribute(&mut r)?;
-        let version = Version::new(r.u32()?);
+        let version = r.version()?;
         let mut alpha = r.fr_nonzero()?;
         let mut y = r.fr_nonzero()?;
         r.finish()?;
@@ -261,7 +264,7 @@ impl AttributePublicKey {
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, AbeError> {
         let mut r = Reader::new(bytes, Kind::PublicKey, 1024)?;
         let attribute = read_attribute(&mut r)?;
-        let version = Version::new(r.u32()?);
+        let version = r.version()?;
         let e = r.gt()?;
         if e.is_zero() {
             return Err(r.bad("E is the identity of GT"));
@@ -513,7 +516,7 @@ impl UserKey {
         let mut r = Reader::new(bytes, Kind::UserKey, 512)?;
         let gid = Gid::from_bytes(r.array()?);
         let attribute = read_attribute(&mut r)?;
-        let version = Version::new(r.u32()?);
+        let version = r.version()?;
         let k = r.g2()?;
         r.finish()?;
         Ok(UserKey {
@@ -522,10 +525,6 @@ impl UserKey {
             gid,
             k,
         })
-    }
-
-    pub(crate) fn point(&self) -> &G2Affine {
-        &self.k
     }
 }
 
@@ -615,6 +614,8 @@ impl UserKeyRing {
 
     /// Store a key without verifying it. Only for tests of the scheme's own
     /// defences (a collusion attempt, a forged key); never use it otherwise.
+    /// Available with the `hazmat` feature only.
+    #[cfg(feature = "hazmat")]
     #[doc(hidden)]
     pub fn insert_unverified(&mut self, key: UserKey) {
         let prepared = G2Prepared::from(key.k);

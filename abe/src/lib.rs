@@ -74,8 +74,10 @@ pub use group::{G2Prepared, Gt, egg, hash_to_g1, hash_to_g2, warm_up};
 pub use ids::{Gid, MAX_IDENTITY_LEN, RecordId, Version};
 pub use kem::{
     DEFAULT_SEGMENT_SIZE, EncryptOptions, Header, HeaderRow, MAX_HEADER_LEN, MAX_SEGMENT_SIZE,
-    MIN_SEGMENT_SIZE, RecordKey, SUITE_ID, decapsulate, decapsulate_forced, encapsulate,
+    MIN_SEGMENT_SIZE, RecordKey, SUITE_ID, decapsulate, encapsulate,
 };
+#[cfg(feature = "hazmat")]
+pub use kem::{decapsulate_core, decapsulate_forced};
 pub use keys::{
     AttributePublicKey, AttributeSecretKey, HashedGid, PublicKeyRing, UserKey, UserKeyRing,
 };

@@ -48,13 +48,7 @@ impl fmt::Debug for UpdateSecret {
 }
 
 impl UpdateSecret {
-    pub(crate) fn new<R: RngCore + ?Sized>(
-        attribute: Attribute,
-        from: Version,
-        delta_alpha: Fr,
-        delta_y: Fr,
-        _rng: &mut R,
-    ) -> Self {
+    pub(crate) fn new(attribute: Attribute, from: Version, delta_alpha: Fr, delta_y: Fr) -> Self {
         UpdateSecret {
             attribute,
             from,
@@ -87,7 +81,7 @@ impl UpdateSecret {
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, AbeError> {
         let mut r = Reader::new(bytes, Kind::UpdateSecret, 512)?;
         let attribute = read_attribute(&mut r)?;
-        let from = Version::new(r.u32()?);
+        let from = r.version()?;
         let delta_alpha = r.fr_nonzero()?;
         let delta_y = r.fr_nonzero()?;
         r.finish()?;
@@ -489,7 +483,7 @@ impl UpdateToken {
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, AbeError> {
         let mut r = Reader::new(bytes, Kind::Token, 1024)?;
         let attribute = read_attribute(&mut r)?;
-        let from = Version::new(r.u32()?);
+        let from = r.version()?;
         let record = RecordId::from_bytes(r.array()?);
         let row = r.u32()?;
         let c2 = r.g1()?;

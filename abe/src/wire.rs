@@ -264,6 +264,13 @@ impl<'a> Reader<'a> {
     pub(crate) fn u32(&mut self) -> Result<u32, AbeError> {
         Ok(u32::from_be_bytes(self.array()?))
     }
+    /// An attribute version (never 0: versions start at 1).
+    pub(crate) fn version(&mut self) -> Result<crate::Version, AbeError> {
+        match self.u32()? {
+            0 => Err(self.bad("version 0 does not exist")),
+            v => Ok(crate::Version::new(v)),
+        }
+    }
     /// A length-prefixed byte string of at most `max` bytes.
     pub(crate) fn lp(&mut self, max: usize) -> Result<&'a [u8], AbeError> {
         let len = self.u32()? as usize;

@@ -202,6 +202,11 @@ fn header_and_key_decoding_refuse_substituted_points_and_trailing_bytes() {
     let (outside2, _) = g2_bad_points();
     kb[n - 96..].copy_from_slice(&ser(&outside2));
     assert!(UserKey::from_bytes(&kb).is_err());
+    // Version 0 does not exist.
+    let mut kb0 = key.to_bytes().to_vec();
+    let at = kb0.len() - 96 - 4;
+    kb0[at..at + 4].copy_from_slice(&0u32.to_be_bytes());
+    assert!(UserKey::from_bytes(&kb0).is_err());
     // Wrong magic, kind and version.
     for i in 0..6 {
         let mut t = bytes.clone();

@@ -239,3 +239,43 @@ fn payload_of_one_record_under_another_header_fails() {
         Err(AbeError::DecryptionFailed)
     ));
 }
+
+/// Decryption consistency (the FO check's job): a header whose *unused* rows
+/// were altered into other valid group elements must be refused even by a
+/// reader whose own rows are intact, so that no two readers ever get
+/// different plaintexts. The key commitment alone would not catch this.
+#[test]
+fn altering_a_row_the_reader_does_not_use_is_detected() {
+    use ark_bls12_381::G1Affine;
+    use ark_ec::{AffineRepr, CurveGroup};
+    use ark_serialize::CanonicalSerialize;
+
+    let mut w = World::new(&["a@x", "b@y"], 21);
+    let reader = w.person("reader-of-a", &["a@x"]);
+    let (header, ct) = w.encrypt("a@x OR b@y", b"consistent");
+    assert_eq!(w.decrypt(&header, &reader, &ct).unwrap(), b"consistent");
+    let bytes = header.to_bytes();
+    let row_len = 4 + 576 + 48 + 48;
+    let base = 6 + 2 + 16 + 4 + header.policy_text().len() + 4;
+    let row1 = base + row_len;
+    // C1 of row 1 times egg (still in GT), or C3 of row 1 plus g1 (still in G1).
+    let mut c1 = Vec::new();
+    (*header.rows()[1].c1() + mabe_abe::egg())
+        .0
+        .serialize_compressed(&mut c1)
+        .unwrap();
+    let mut c3 = Vec::new();
+    (*header.rows()[1].c3() + G1Affine::generator())
+        .into_affine()
+        .serialize_compressed(&mut c3)
+        .unwrap();
+    for (at, new) in [(row1 + 4, c1), (row1 + 4 + 576 + 48, c3)] {
+        let mut t = bytes.clone();
+        t[at..at + new.len()].copy_from_slice(&new);
+        let h = Header::from_bytes(&t).expect("still a well-formed header");
+        assert!(matches!(
+            w.decrypt(&h, &reader, &ct),
+            Err(AbeError::DecryptionFailed)
+        ));
+    }
+}
