@@ -151,6 +151,12 @@ fn revocation(c: &mut Criterion) {
         })
         .collect();
     let encoded: Vec<Vec<u8>> = tokens.iter().map(|t| t.to_bytes()).collect();
+    // The floor of token generation: one pairing with a prepared G2 point.
+    let c2 = *headers[0].rows()[0].c2();
+    let q: <Bls12_381 as Pairing>::G2Prepared = G2Projective::rand(&mut f.rng).into_affine().into();
+    g.bench_function("pairing_one_prepared", |b| {
+        b.iter(|| Bls12_381::multi_pairing([c2], [q.clone()]))
+    });
     g.bench_function("token_apply_per_row", |b| {
         b.iter_batched(
             || headers[0].clone(),

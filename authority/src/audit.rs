@@ -1,0 +1,199 @@
+//! The tamper-evident audit log: hash chain and signed checkpoints.
+//!
+//! Entry `n` stores `hash_n = SHA-256("MABE-V1-AUDIT" ‖ be64(n) ‖ hash_{n-1} ‖
+//! be64(ts) ‖ lp(kind) ‖ lp(actor) ‖ opt(subject) ‖ opt(attribute) ‖ lp(detail))`
+//! with `hash_0 = 0^32`, where `lp` is a 4-byte big-endian length prefix and
+//! `opt(x)` is `0x00` for none or `0x01 ‖ lp(x)`. A checkpoint is the identity
+//! key's Ed25519 signature over `"MABE-V1-CHECKPOINT" ‖ lp(authority) ‖ be64(seq)
+//! ‖ hash_seq ‖ be64(ts)`. Editing, deleting or reordering any entry breaks the
+//! chain at that entry; rewriting the whole tail after the last checkpoint is
+//! caught by the checkpoint signatures.
+
+use ed25519_dalek::{Signature, VerifyingKey};
+use sha2::{Digest, Sha256};
+
+use crate::store::{AuditEntry, AuditEvent, Checkpoint};
+
+fn lp(h: &mut Sha256, b: &[u8]) {
+    h.update((b.len() as u32).to_be_bytes());
+    h.update(b);
+}
+
+fn opt(h: &mut Sha256, b: Option<&str>) {
+    match b {
+        None => h.update([0u8]),
+        Some(s) => {
+            h.update([1u8]);
+            lp(h, s.as_bytes());
+        }
+    }
+}
+
+/// The hash of entry `seq` with predecessor hash `prev`.
+pub fn entry_hash(seq: i64, prev: &[u8; 32], ev: &AuditEvent) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(b"MABE-V1-AUDIT");
+    h.update(seq.to_be_bytes());
+    h.update(prev);
+    h.update(ev.ts.to_be_bytes());
+    lp(&mut h, ev.kind.as_bytes());
+    lp(&mut h, ev.actor.as_bytes());
+    opt(&mut h, ev.subject.as_deref());
+    opt(&mut h, ev.attribute.as_deref());
+    lp(&mut h, ev.detail.as_bytes());
+    h.finalize().into()
+}
+
+/// The message a checkpoint signs.
+pub fn checkpoint_message(authority: &str, seq: i64, hash: &[u8; 32], ts: i64) -> Vec<u8> {
+    let mut m = Vec::with_capacity(80 + authority.len());
+    m.extend_from_slice(b"MABE-V1-CHECKPOINT");
+    m.extend_from_slice(&(authority.len() as u32).to_be_bytes());
+    m.extend_from_slice(authority.as_bytes());
+    m.extend_from_slice(&seq.to_be_bytes());
+    m.extend_from_slice(hash);
+    m.extend_from_slice(&ts.to_be_bytes());
+    m
+}
+
+/// What `audit verify` found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AuditProblem {
+    /// Entry `seq` does not hash to its stored hash: it was edited.
+    Edited {
+        /// The entry.
+        seq: i64,
+    },
+    /// The sequence jumps from `after` to `next`: entries were deleted.
+    Missing {
+        /// Last good entry.
+        after: i64,
+        /// The entry found next.
+        next: i64,
+    },
+    /// Entry `seq` does not link to the entry before it: reordered, inserted,
+    /// or its predecessor was edited and re-hashed.
+    BrokenLink {
+        /// The entry.
+        seq: i64,
+    },
+    /// A checkpoint's signature does not verify.
+    BadCheckpointSignature {
+        /// The checkpoint's seq.
+        seq: i64,
+    },
+    /// A checkpoint covers an entry whose hash differs from the signed one, or
+    /// an entry that no longer exists: history before it was rewritten or cut.
+    CheckpointMismatch {
+        /// The checkpoint's seq.
+        seq: i64,
+    },
+}
+
+impl std::fmt::Display for AuditProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AuditProblem::Edited { seq } => write!(f, "entry {seq} was edited (hash mismatch)"),
+            AuditProblem::Missing { after, next } => {
+                write!(
+                    f,
+                    "entries after {after} are missing (next entry is {next})"
+                )
+            }
+            AuditProblem::BrokenLink { seq } => write!(
+                f,
+                "entry {seq} does not follow the entry before it (reordered, inserted or re-hashed)"
+            ),
+            AuditProblem::BadCheckpointSignature { seq } => {
+                write!(f, "checkpoint at entry {seq} has an invalid signature")
+            }
+            AuditProblem::CheckpointMismatch { seq } => write!(
+                f,
+                "checkpoint at entry {seq} does not match the log (history rewritten or truncated)"
+            ),
+        }
+    }
+}
+
+/// Result of verifying the whole log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuditReport {
+    /// Entries checked.
+    pub entries: i64,
+    /// Checkpoints checked.
+    pub checkpoints: usize,
+    /// Every problem found, in log order (empty: the log verifies).
+    pub problems: Vec<AuditProblem>,
+}
+
+/// Incremental verifier: feed entries in stored order, then checkpoints.
+#[derive(Debug)]
+pub struct Verifier {
+    prev_seq: i64,
+    prev_hash: [u8; 32],
+    hashes: std::collections::BTreeMap<i64, [u8; 32]>,
+    report: AuditReport,
+}
+
+impl Default for Verifier {
+    fn default() -> Self {
+        Verifier {
+            prev_seq: 0,
+            prev_hash: [0u8; 32],
+            hashes: Default::default(),
+            report: AuditReport {
+                entries: 0,
+                checkpoints: 0,
+                problems: Vec::new(),
+            },
+        }
+    }
+}
+
+impl Verifier {
+    /// Check the next entry in stored (seq) order.
+    pub fn entry(&mut self, e: &AuditEntry) {
+        self.report.entries += 1;
+        if entry_hash(e.seq, &e.prev_hash, &e.event) != e.hash {
+            self.report
+                .problems
+                .push(AuditProblem::Edited { seq: e.seq });
+        }
+        if e.seq > self.prev_seq + 1 {
+            self.report.problems.push(AuditProblem::Missing {
+                after: self.prev_seq,
+                next: e.seq,
+            });
+        } else if e.seq <= self.prev_seq || e.prev_hash != self.prev_hash {
+            self.report
+                .problems
+                .push(AuditProblem::BrokenLink { seq: e.seq });
+        }
+        self.prev_seq = e.seq;
+        self.prev_hash = e.hash;
+        self.hashes.insert(e.seq, e.hash);
+    }
+
+    /// Check a checkpoint against the entries seen and the identity key.
+    pub fn checkpoint(&mut self, authority: &str, key: &VerifyingKey, cp: &Checkpoint) {
+        self.report.checkpoints += 1;
+        let msg = checkpoint_message(authority, cp.seq, &cp.hash, cp.ts);
+        let sig_ok = Signature::from_slice(&cp.signature)
+            .map(|s| key.verify_strict(&msg, &s).is_ok())
+            .unwrap_or(false);
+        if !sig_ok {
+            self.report
+                .problems
+                .push(AuditProblem::BadCheckpointSignature { seq: cp.seq });
+        } else if self.hashes.get(&cp.seq) != Some(&cp.hash) {
+            self.report
+                .problems
+                .push(AuditProblem::CheckpointMismatch { seq: cp.seq });
+        }
+    }
+
+    /// The report.
+    pub fn finish(self) -> AuditReport {
+        self.report
+    }
+}

@@ -1,0 +1,169 @@
+//! The node's data directory (embedded default): authority id, KEK, admin
+//! key, dev TLS certificate, and the SQLite database.
+//!
+//! ```text
+//! DATA/authority-id      the id, one line
+//! DATA/kek.hex           key-encryption key (0600), unless MABE_KEK or --kek-file is used
+//! DATA/admin.key         admin signing key seed, hex (0600)
+//! DATA/tls/cert.pem      dev TLS certificate for localhost and 127.0.0.1 (clients pin it)
+//! DATA/tls/key.pem       its private key (0600)
+//! DATA/authority.db      SQLite database (when no --database-url is given)
+//! ```
+
+use std::{
+    fs,
+    io::Write,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context, Result, bail};
+use ed25519_dalek::SigningKey;
+use zeroize::Zeroizing;
+
+use crate::{seal::Kek, server::TlsPem};
+
+/// Paths inside a data directory.
+#[derive(Clone, Debug)]
+pub struct DataDir {
+    root: PathBuf,
+}
+
+/// Write `bytes` to a new file readable only by its owner.
+pub fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut opts = fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    Ok(())
+}
+
+impl DataDir {
+    /// The directory at `root` (not created).
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        DataDir { root: root.into() }
+    }
+    /// Root path.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+    /// SQLite database path.
+    pub fn database(&self) -> PathBuf {
+        self.root.join("authority.db")
+    }
+    /// KEK file path.
+    pub fn kek_file(&self) -> PathBuf {
+        self.root.join("kek.hex")
+    }
+    /// Admin key path.
+    pub fn admin_key_file(&self) -> PathBuf {
+        self.root.join("admin.key")
+    }
+    /// Dev TLS certificate path.
+    pub fn tls_cert(&self) -> PathBuf {
+        self.root.join("tls").join("cert.pem")
+    }
+    /// Dev TLS key path.
+    pub fn tls_key(&self) -> PathBuf {
+        self.root.join("tls").join("key.pem")
+    }
+    /// Authority id file.
+    pub fn id_file(&self) -> PathBuf {
+        self.root.join("authority-id")
+    }
+
+    /// Create the directory (0700) for `init`; refuses a non-empty one.
+    pub fn create(&self) -> Result<()> {
+        if self.root.exists()
+            && fs::read_dir(&self.root)
+                .with_context(|| format!("reading {}", self.root.display()))?
+                .next()
+                .is_some()
+        {
+            bail!(
+                "{} is not empty: is this authority already initialised?",
+                self.root.display()
+            );
+        }
+        fs::create_dir_all(self.root.join("tls"))?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            fs::set_permissions(&self.root, fs::Permissions::from_mode(0o700))?;
+        }
+        Ok(())
+    }
+
+    /// The KEK: `MABE_KEK` (hex) if set, else `kek_file` if given, else the
+    /// data directory's `kek.hex`.
+    pub fn load_kek(&self, kek_file: Option<&Path>) -> Result<Kek> {
+        if let Ok(hex) = std::env::var("MABE_KEK") {
+            return Kek::from_hex(&hex).context("MABE_KEK");
+        }
+        let path = kek_file
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| self.kek_file());
+        Kek::from_file(&path).with_context(|| {
+            format!(
+                "no key-encryption key: set MABE_KEK, pass --kek-file, or keep {}",
+                path.display()
+            )
+        })
+    }
+
+    /// The authority id written at `init`.
+    pub fn authority_id(&self) -> Result<String> {
+        Ok(fs::read_to_string(self.id_file())
+            .with_context(|| {
+                format!(
+                    "{} has no authority: run `mabe-authority init` first",
+                    self.root.display()
+                )
+            })?
+            .trim()
+            .to_owned())
+    }
+
+    /// The admin signing key written at `init`.
+    pub fn admin_key(&self) -> Result<SigningKey> {
+        let text = Zeroizing::new(
+            fs::read_to_string(self.admin_key_file())
+                .with_context(|| format!("reading {}", self.admin_key_file().display()))?,
+        );
+        let mut seed = Zeroizing::new([0u8; 32]);
+        hex::decode_to_slice(text.trim(), seed.as_mut())
+            .context("admin key is not 64 hex digits")?;
+        Ok(SigningKey::from_bytes(&seed))
+    }
+
+    /// Generate a self-signed development certificate for localhost/127.0.0.1.
+    pub fn write_dev_tls(&self) -> Result<()> {
+        let ck = rcgen::generate_simple_self_signed(vec![
+            "localhost".to_string(),
+            "127.0.0.1".to_string(),
+        ])
+        .context("generating the development TLS certificate")?;
+        fs::write(self.tls_cert(), ck.cert.pem())?;
+        write_private(&self.tls_key(), ck.signing_key.serialize_pem().as_bytes())?;
+        Ok(())
+    }
+
+    /// Load a certificate and key (the given paths, or the dev pair).
+    pub fn tls(&self, cert: Option<&Path>, key: Option<&Path>) -> Result<TlsPem> {
+        let cert = cert
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| self.tls_cert());
+        let key = key.map(Path::to_path_buf).unwrap_or_else(|| self.tls_key());
+        Ok(TlsPem {
+            cert: fs::read(&cert).with_context(|| format!("reading {}", cert.display()))?,
+            key: fs::read(&key).with_context(|| format!("reading {}", key.display()))?,
+        })
+    }
+}

@@ -1,0 +1,365 @@
+//! gRPC adapters: the public `Authority` service and the `AuthorityAdmin`
+//! service over a [`Node`]. Errors become `tonic::Status` in one place
+//! ([`status`]).
+
+use std::sync::Arc;
+
+use ed25519_dalek::{Signature, VerifyingKey};
+use mabe_proto::v1::{
+    self, AttributeInfo, AttributeRequest, AttributeRequestReceipt, AuthorityInfo,
+    CreateAttributeRequest, DecideRequestRequest, EnrollRequest, FetchKeysResponse,
+    GetDirectoryRequest, GetInfoRequest, GrantInfo, GrantRequest, IssuedKey, KeyRequest,
+    ListAttributesRequest, ListAttributesResponse, ListRequestsRequest, ListRequestsResponse,
+    PersonInfo, RequestInfo, RevokeRequest, RevokeResponse, SignedDirectory, VerifyAuditRequest,
+    VerifyAuditResponse,
+};
+use prost::Message;
+use sha2::{Digest, Sha256};
+use tonic::{Request, Response, Status};
+
+use crate::{
+    node::{KeyFetch, Node, NodeError, SignedAttributeRequest, now},
+    store::{RequestRecord, RequestState},
+};
+
+/// Metadata key of the admin call's timestamp.
+pub const ADMIN_TIMESTAMP: &str = "x-mabe-admin-timestamp";
+/// Metadata key of the admin call's nonce (hex).
+pub const ADMIN_NONCE: &str = "x-mabe-admin-nonce";
+/// Metadata key of the admin call's signature (hex).
+pub const ADMIN_SIGNATURE: &str = "x-mabe-admin-signature";
+
+/// Namespace under which admin nonces are recorded (not a person's GID).
+const ADMIN_NONCE_SPACE: [u8; 32] = [0xad; 32];
+
+/// The one mapping from core errors to gRPC statuses.
+pub fn status(e: NodeError) -> Status {
+    match e {
+        NodeError::InvalidArgument(m) => Status::invalid_argument(m),
+        NodeError::Unauthenticated(m) => Status::unauthenticated(m),
+        NodeError::PermissionDenied(m) => Status::permission_denied(m),
+        NodeError::NotFound(m) => Status::not_found(m),
+        NodeError::AlreadyExists(m) => Status::already_exists(m),
+        NodeError::Conflict(m) => Status::failed_precondition(m),
+        NodeError::NotInitialized | NodeError::AlreadyInitialized => {
+            Status::failed_precondition(e.to_string())
+        }
+        other => {
+            tracing::error!(error = %other, "internal error");
+            Status::internal("internal error (see the authority's log)")
+        }
+    }
+}
+
+/// The public service.
+#[derive(Debug, Clone)]
+pub struct PublicService {
+    node: Arc<Node>,
+}
+
+impl PublicService {
+    /// Serve `node`.
+    pub fn new(node: Arc<Node>) -> Self {
+        PublicService { node }
+    }
+}
+
+#[tonic::async_trait]
+impl v1::authority_server::Authority for PublicService {
+    async fn get_info(
+        &self,
+        _: Request<GetInfoRequest>,
+    ) -> Result<Response<AuthorityInfo>, Status> {
+        Ok(Response::new(AuthorityInfo {
+            authority_id: self.node.authority_id().to_string(),
+            identity_public_key: self.node.identity_public_key().to_bytes().to_vec(),
+            software_version: env!("CARGO_PKG_VERSION").into(),
+        }))
+    }
+
+    async fn get_directory(
+        &self,
+        _: Request<GetDirectoryRequest>,
+    ) -> Result<Response<SignedDirectory>, Status> {
+        let (body, signature) = self.node.signed_directory().await.map_err(status)?;
+        Ok(Response::new(SignedDirectory { body, signature }))
+    }
+
+    async fn fetch_keys(
+        &self,
+        req: Request<KeyRequest>,
+    ) -> Result<Response<FetchKeysResponse>, Status> {
+        let r = req.into_inner();
+        let fetch = KeyFetch {
+            authority: r.authority_id,
+            gid: r.gid,
+            attributes: r.attributes,
+            nonce: r.nonce,
+            timestamp: r.timestamp,
+            signature: r.signature,
+        };
+        let keys = self.node.fetch_keys(&fetch).await.map_err(status)?;
+        Ok(Response::new(FetchKeysResponse {
+            keys: keys
+                .into_iter()
+                .map(|k| IssuedKey {
+                    attribute: k.attribute,
+                    version: k.version,
+                    user_key: k.key.to_vec(),
+                    expires_at: k.expires_at.unwrap_or(0),
+                })
+                .collect(),
+        }))
+    }
+
+    async fn request_attribute(
+        &self,
+        req: Request<AttributeRequest>,
+    ) -> Result<Response<AttributeRequestReceipt>, Status> {
+        let r = req.into_inner();
+        let signed = SignedAttributeRequest {
+            authority: r.authority_id,
+            gid: r.gid,
+            attribute: r.attribute,
+            reason: r.reason,
+            nonce: r.nonce,
+            timestamp: r.timestamp,
+            signature: r.signature,
+        };
+        let rec = self.node.request_attribute(&signed).await.map_err(status)?;
+        Ok(Response::new(AttributeRequestReceipt {
+            request_id: rec.id,
+            state: rec.state.as_str().into(),
+        }))
+    }
+}
+
+/// The admin service: every call must carry a fresh signature by the admin key.
+#[derive(Debug, Clone)]
+pub struct AdminService {
+    node: Arc<Node>,
+}
+
+impl AdminService {
+    /// Serve `node`.
+    pub fn new(node: Arc<Node>) -> Self {
+        AdminService { node }
+    }
+
+    async fn authorize<T: Message>(&self, method: &str, req: &Request<T>) -> Result<(), Status> {
+        let md = req.metadata();
+        let get = |k: &str| {
+            md.get(k)
+                .and_then(|v| v.to_str().ok())
+                .ok_or_else(|| Status::unauthenticated(format!("admin call without {k}")))
+        };
+        let ts: i64 = get(ADMIN_TIMESTAMP)?
+            .parse()
+            .map_err(|_| Status::unauthenticated("bad admin timestamp"))?;
+        let nonce = hex::decode(get(ADMIN_NONCE)?)
+            .map_err(|_| Status::unauthenticated("bad admin nonce"))?;
+        let sig = hex::decode(get(ADMIN_SIGNATURE)?)
+            .map_err(|_| Status::unauthenticated("bad admin signature encoding"))?;
+        let t = now();
+        let skew = self.node.config().max_clock_skew_secs;
+        if (ts - t).abs() > skew || !(16..=64).contains(&nonce.len()) {
+            return Err(Status::unauthenticated("stale admin call or bad nonce"));
+        }
+        let digest: [u8; 32] = Sha256::digest(req.get_ref().encode_to_vec()).into();
+        let msg = mabe_proto::signing::admin_message(
+            self.node.authority_id().as_str(),
+            method,
+            &nonce,
+            ts,
+            &digest,
+        );
+        let ok = Signature::from_slice(&sig)
+            .map(|s| verify(self.node.admin_public_key(), &msg, &s))
+            .unwrap_or(false);
+        if !ok {
+            return Err(Status::unauthenticated(
+                "admin signature does not verify with this authority's admin key",
+            ));
+        }
+        let fresh = self
+            .node
+            .store()
+            .use_nonce(&ADMIN_NONCE_SPACE, &nonce, t, t - 2 * skew)
+            .await
+            .map_err(|e| status(e.into()))?;
+        if !fresh {
+            return Err(Status::unauthenticated(
+                "admin nonce was already used (replay)",
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn verify(key: &VerifyingKey, msg: &[u8], sig: &Signature) -> bool {
+    key.verify_strict(msg, sig).is_ok()
+}
+
+fn request_info(r: RequestRecord) -> RequestInfo {
+    RequestInfo {
+        id: r.id,
+        gid: r.gid.to_vec(),
+        attribute: r.attribute,
+        reason: r.reason,
+        state: r.state.as_str().into(),
+        created_at: r.created_at,
+        decided_by: r.decided_by.unwrap_or_default(),
+        note: r.note.unwrap_or_default(),
+    }
+}
+
+const ADMIN: &str = "/mabe.v1.AuthorityAdmin/";
+
+#[tonic::async_trait]
+impl v1::authority_admin_server::AuthorityAdmin for AdminService {
+    async fn create_attribute(
+        &self,
+        req: Request<CreateAttributeRequest>,
+    ) -> Result<Response<AttributeInfo>, Status> {
+        self.authorize(&format!("{ADMIN}CreateAttribute"), &req)
+            .await?;
+        let rec = self
+            .node
+            .create_attribute(&req.into_inner().name)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(AttributeInfo {
+            attribute: rec.attribute,
+            version: rec.version,
+            state: rec.state.as_str().into(),
+            created_at: rec.created_at,
+            holders: 0,
+        }))
+    }
+
+    async fn list_attributes(
+        &self,
+        req: Request<ListAttributesRequest>,
+    ) -> Result<Response<ListAttributesResponse>, Status> {
+        self.authorize(&format!("{ADMIN}ListAttributes"), &req)
+            .await?;
+        let list = self.node.attributes().await.map_err(status)?;
+        Ok(Response::new(ListAttributesResponse {
+            attributes: list
+                .into_iter()
+                .map(|(r, holders)| AttributeInfo {
+                    attribute: r.attribute,
+                    version: r.version,
+                    state: r.state.as_str().into(),
+                    created_at: r.created_at,
+                    holders: holders as u32,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn enroll(&self, req: Request<EnrollRequest>) -> Result<Response<PersonInfo>, Status> {
+        self.authorize(&format!("{ADMIN}Enroll"), &req).await?;
+        let r = req.into_inner();
+        let p = self
+            .node
+            .enroll(&r.registry, &r.subject, &r.request_key, &r.roles)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(PersonInfo {
+            gid: p.gid.to_vec(),
+            registry: p.registry,
+            subject: p.subject,
+            roles: p
+                .roles
+                .split(',')
+                .filter(|s| !s.is_empty())
+                .map(String::from)
+                .collect(),
+            enrolled_at: p.enrolled_at,
+        }))
+    }
+
+    async fn grant(&self, req: Request<GrantRequest>) -> Result<Response<GrantInfo>, Status> {
+        self.authorize(&format!("{ADMIN}Grant"), &req).await?;
+        let r = req.into_inner();
+        let expires = (r.expires_at != 0).then_some(r.expires_at);
+        let g = self
+            .node
+            .grant(&r.gid, &r.attribute, expires, "admin")
+            .await
+            .map_err(status)?;
+        Ok(Response::new(GrantInfo {
+            gid: g.gid.to_vec(),
+            attribute: g.attribute,
+            granted_by: g.granted_by,
+            granted_at: g.granted_at,
+            expires_at: g.expires_at.unwrap_or(0),
+        }))
+    }
+
+    async fn revoke(
+        &self,
+        req: Request<RevokeRequest>,
+    ) -> Result<Response<RevokeResponse>, Status> {
+        self.authorize(&format!("{ADMIN}Revoke"), &req).await?;
+        let r = req.into_inner();
+        let rev = self
+            .node
+            .revoke(&r.gid, &r.attribute)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(RevokeResponse {
+            attribute: rev.attribute,
+            new_version: rev.new_version,
+            reissued_to: rev.remaining_holders as u32,
+        }))
+    }
+
+    async fn list_requests(
+        &self,
+        req: Request<ListRequestsRequest>,
+    ) -> Result<Response<ListRequestsResponse>, Status> {
+        self.authorize(&format!("{ADMIN}ListRequests"), &req)
+            .await?;
+        let state =
+            match req.get_ref().state.as_str() {
+                "" => None,
+                s => Some(RequestState::parse(s).map_err(|_| {
+                    Status::invalid_argument("state is pending, approved or denied")
+                })?),
+            };
+        let list = self.node.requests(state).await.map_err(status)?;
+        Ok(Response::new(ListRequestsResponse {
+            requests: list.into_iter().map(request_info).collect(),
+        }))
+    }
+
+    async fn decide_request(
+        &self,
+        req: Request<DecideRequestRequest>,
+    ) -> Result<Response<RequestInfo>, Status> {
+        self.authorize(&format!("{ADMIN}DecideRequest"), &req)
+            .await?;
+        let r = req.into_inner();
+        let rec = self
+            .node
+            .decide(r.id, r.approve, &r.note, "admin")
+            .await
+            .map_err(status)?;
+        Ok(Response::new(request_info(rec)))
+    }
+
+    async fn verify_audit(
+        &self,
+        req: Request<VerifyAuditRequest>,
+    ) -> Result<Response<VerifyAuditResponse>, Status> {
+        self.authorize(&format!("{ADMIN}VerifyAudit"), &req).await?;
+        let report = self.node.verify_audit().await.map_err(status)?;
+        Ok(Response::new(VerifyAuditResponse {
+            entries: report.entries,
+            checkpoints: report.checkpoints as u32,
+            problems: report.problems.iter().map(ToString::to_string).collect(),
+        }))
+    }
+}

@@ -1,0 +1,20 @@
+//! # mabe-authority: one hospital's attribute key service
+//!
+//! - [`node`]: the domain core (attributes, people, grants, requests, key
+//!   issuance, signed directory, audit), independent of transport;
+//! - [`store`]: storage behind one trait, SQLite (embedded default) and
+//!   PostgreSQL, with the audit entry of every change in the same transaction;
+//! - [`audit`]: the hash chain and signed checkpoints;
+//! - [`seal`]: secrets at rest under the key-encryption key;
+//! - [`grpc`] and [`server`]: the public and admin gRPC services over TLS;
+//! - [`admin_client`]: signing admin calls; [`datadir`]: the data directory.
+#![warn(missing_docs)]
+
+pub mod admin_client;
+pub mod audit;
+pub mod datadir;
+pub mod grpc;
+pub mod node;
+pub mod seal;
+pub mod server;
+pub mod store;

@@ -1,0 +1,837 @@
+//! The authority's domain core, independent of transport: attributes,
+//! people, grants, requests, key issuance, the signed directory and the
+//! audit log. The gRPC layer is a thin adapter over [`Node`].
+
+use std::{
+    collections::HashMap,
+    fmt,
+    sync::{Arc, Mutex},
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use ark_std::rand::{RngCore, rngs::OsRng};
+use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
+use mabe_abe::{
+    AbeError, Attribute, AttributePublicKey, AttributeSecretKey, AuthorityId, Gid, HashedGid,
+    Version,
+};
+use mabe_proto::signing::{Directory, DirectoryEntry};
+use zeroize::Zeroizing;
+
+use crate::{
+    audit::{self, AuditReport, Verifier},
+    seal::{Kek, SealError, attribute_ad, identity_ad},
+    store::{
+        AttributeRecord, AuditEvent, AuthorityMeta, Checkpoint, GrantRecord, PersonRecord,
+        RequestRecord, RequestState, Store, StoreError, VersionState,
+    },
+};
+
+/// Errors of the authority core. The gRPC layer maps each to one status code.
+#[non_exhaustive]
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// The data directory or database has no authority yet.
+    #[error("this authority is not initialised: run `mabe-authority init` first")]
+    NotInitialized,
+    /// `init` on an initialised authority.
+    #[error("this authority is already initialised")]
+    AlreadyInitialized,
+    /// A malformed argument.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    /// The caller could not be authenticated (unknown key, bad signature,
+    /// stale timestamp, replayed nonce). Audited.
+    #[error("not authenticated: {0}")]
+    Unauthenticated(String),
+    /// Authenticated, but not allowed (attribute not granted). Audited.
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
+    /// A named thing does not exist.
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// A named thing exists already.
+    #[error("already exists: {0}")]
+    AlreadyExists(String),
+    /// The operation does not apply in the current state.
+    #[error("conflict: {0}")]
+    Conflict(String),
+    /// Storage failed.
+    #[error("storage: {0}")]
+    Store(StoreError),
+    /// A sealed secret did not open (wrong key-encryption key or tampering).
+    #[error(transparent)]
+    Seal(#[from] SealError),
+    /// A cryptographic object in storage did not decode.
+    #[error("cryptography: {0}")]
+    Crypto(#[from] AbeError),
+}
+
+impl From<StoreError> for NodeError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::AlreadyExists(m) => NodeError::AlreadyExists(m),
+            StoreError::NotFound(m) => NodeError::NotFound(m),
+            StoreError::Conflict(m) => NodeError::Conflict(m),
+            other => NodeError::Store(other),
+        }
+    }
+}
+
+/// Result type of the core.
+pub type NodeResult<T> = Result<T, NodeError>;
+
+/// Current Unix time in seconds.
+pub fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// Tunables with sensible defaults.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    /// Largest accepted difference between a request's timestamp and now.
+    pub max_clock_skew_secs: i64,
+    /// How long a signed directory is valid.
+    pub directory_validity_secs: i64,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            max_clock_skew_secs: 300,
+            directory_validity_secs: 3600,
+        }
+    }
+}
+
+/// A signed key fetch, as received.
+#[derive(Clone, Debug)]
+pub struct KeyFetch {
+    /// Authority the request is addressed to.
+    pub authority: String,
+    /// The requester.
+    pub gid: Vec<u8>,
+    /// Attributes asked for; empty: every granted one.
+    pub attributes: Vec<String>,
+    /// Single-use nonce.
+    pub nonce: Vec<u8>,
+    /// Unix seconds.
+    pub timestamp: i64,
+    /// Ed25519 signature by the person's request key.
+    pub signature: Vec<u8>,
+}
+
+/// A signed attribute request, as received.
+#[derive(Clone, Debug)]
+pub struct SignedAttributeRequest {
+    /// Authority the request is addressed to.
+    pub authority: String,
+    /// The requester.
+    pub gid: Vec<u8>,
+    /// Attribute wanted.
+    pub attribute: String,
+    /// Stated reason (shown to the approver, audited).
+    pub reason: String,
+    /// Single-use nonce.
+    pub nonce: Vec<u8>,
+    /// Unix seconds.
+    pub timestamp: i64,
+    /// Ed25519 signature by the person's request key.
+    pub signature: Vec<u8>,
+}
+
+/// One issued key.
+pub struct IssuedKey {
+    /// The attribute.
+    pub attribute: String,
+    /// Its version.
+    pub version: u32,
+    /// Encoded user key (secret).
+    pub key: Zeroizing<Vec<u8>>,
+    /// Expiry of the grant, if any.
+    pub expires_at: Option<i64>,
+}
+
+impl fmt::Debug for IssuedKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IssuedKey")
+            .field("attribute", &self.attribute)
+            .field("version", &self.version)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Outcome of a revocation (the grant removed, the attribute rotated).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Revocation {
+    /// The attribute.
+    pub attribute: String,
+    /// Its new version.
+    pub new_version: u32,
+    /// Remaining holders, who get the new version on their next fetch.
+    pub remaining_holders: usize,
+}
+
+/// The parts of a signed request that [`Node::authenticate`] checks.
+struct Signed<'a> {
+    what: &'a str,
+    authority: &'a str,
+    gid: &'a [u8],
+    nonce: &'a [u8],
+    timestamp: i64,
+    signature: &'a [u8],
+    message: &'a [u8],
+}
+
+/// Longest accepted reason text.
+pub const MAX_REASON_LEN: usize = 2000;
+
+/// An authority node's core.
+pub struct Node {
+    store: Arc<dyn Store>,
+    id: AuthorityId,
+    identity: SigningKey,
+    admin: VerifyingKey,
+    kek: Kek,
+    config: NodeConfig,
+    secrets: Mutex<HashMap<(String, u32), Arc<AttributeSecretKey>>>,
+}
+
+impl fmt::Debug for Node {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Node")
+            .field("authority", &self.id)
+            .field("store", &self.store.backend())
+            .finish_non_exhaustive()
+    }
+}
+
+fn event(kind: &str, actor: &str) -> AuditEvent {
+    AuditEvent {
+        ts: now(),
+        kind: kind.into(),
+        actor: actor.into(),
+        subject: None,
+        attribute: None,
+        detail: String::new(),
+    }
+}
+
+fn gid_of(bytes: &[u8]) -> NodeResult<Gid> {
+    let arr: [u8; 32] = bytes
+        .try_into()
+        .map_err(|_| NodeError::InvalidArgument("a GID is 32 bytes".into()))?;
+    Ok(Gid::from_bytes(arr))
+}
+
+fn random_signing_key() -> SigningKey {
+    let mut seed = Zeroizing::new([0u8; 32]);
+    OsRng.fill_bytes(seed.as_mut());
+    SigningKey::from_bytes(&seed)
+}
+
+impl Node {
+    /// Initialise a new authority in `store`: identity key (sealed under the
+    /// KEK) and admin key. Returns the node and the admin signing key, which
+    /// the caller stores for the administrator (it is not kept here).
+    pub async fn init(
+        store: Arc<dyn Store>,
+        authority_id: &str,
+        kek: Kek,
+        config: NodeConfig,
+    ) -> NodeResult<(Node, SigningKey)> {
+        let id: AuthorityId = authority_id
+            .parse()
+            .map_err(|e| NodeError::InvalidArgument(format!("authority id: {e}")))?;
+        if store.meta().await?.is_some() {
+            return Err(NodeError::AlreadyInitialized);
+        }
+        let identity = random_signing_key();
+        let admin = random_signing_key();
+        let sealed = kek.seal(&mut OsRng, &identity_ad(id.as_str()), identity.as_bytes())?;
+        let meta = AuthorityMeta {
+            authority_id: id.as_str().to_owned(),
+            identity_public_key: identity.verifying_key().to_bytes(),
+            identity_secret_sealed: sealed,
+            admin_public_key: admin.verifying_key().to_bytes(),
+            created_at: now(),
+        };
+        let mut ev = event("init", "admin");
+        ev.detail = format!(
+            "authority {} initialised; identity key {}",
+            id,
+            hex::encode(meta.identity_public_key)
+        );
+        store.init_meta(&meta, ev).await.map_err(|e| match e {
+            StoreError::AlreadyExists(_) => NodeError::AlreadyInitialized,
+            other => other.into(),
+        })?;
+        let node = Node {
+            store,
+            id,
+            identity,
+            admin: admin.verifying_key(),
+            kek,
+            config,
+            secrets: Mutex::new(HashMap::new()),
+        };
+        Ok((node, admin))
+    }
+
+    /// Open an initialised authority.
+    pub async fn open(store: Arc<dyn Store>, kek: Kek, config: NodeConfig) -> NodeResult<Node> {
+        let meta = store.meta().await?.ok_or(NodeError::NotInitialized)?;
+        let id: AuthorityId = meta
+            .authority_id
+            .parse()
+            .map_err(|_| NodeError::Store(StoreError::Corrupt("authority id".into())))?;
+        let seed = kek.open(&identity_ad(id.as_str()), &meta.identity_secret_sealed)?;
+        let seed: [u8; 32] = seed
+            .as_slice()
+            .try_into()
+            .map_err(|_| NodeError::Store(StoreError::Corrupt("identity key length".into())))?;
+        let identity = SigningKey::from_bytes(&seed);
+        if identity.verifying_key().to_bytes() != meta.identity_public_key {
+            return Err(NodeError::Store(StoreError::Corrupt(
+                "identity key does not match its public key".into(),
+            )));
+        }
+        let admin = VerifyingKey::from_bytes(&meta.admin_public_key)
+            .map_err(|_| NodeError::Store(StoreError::Corrupt("admin public key".into())))?;
+        Ok(Node {
+            store,
+            id,
+            identity,
+            admin,
+            kek,
+            config,
+            secrets: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The authority id.
+    pub fn authority_id(&self) -> &AuthorityId {
+        &self.id
+    }
+
+    /// The identity public key (clients pin it).
+    pub fn identity_public_key(&self) -> VerifyingKey {
+        self.identity.verifying_key()
+    }
+
+    /// The admin public key (admin calls must be signed by its secret half).
+    pub fn admin_public_key(&self) -> &VerifyingKey {
+        &self.admin
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// The tunables.
+    pub fn config(&self) -> &NodeConfig {
+        &self.config
+    }
+
+    fn attribute(&self, name_or_full: &str) -> NodeResult<Attribute> {
+        let text = if name_or_full.contains('@') {
+            name_or_full.to_owned()
+        } else {
+            format!("{name_or_full}@{}", self.id)
+        };
+        let a: Attribute = text
+            .parse()
+            .map_err(|e| NodeError::InvalidArgument(format!("{e}")))?;
+        if a.authority() != &self.id {
+            return Err(NodeError::InvalidArgument(format!(
+                "{a} belongs to authority {}, not {}",
+                a.authority(),
+                self.id
+            )));
+        }
+        Ok(a)
+    }
+
+    // ------------------------------------------------------------ attributes
+
+    /// Create an attribute (`name` or `name@this-authority`) at version 1.
+    pub async fn create_attribute(&self, name: &str) -> NodeResult<AttributeRecord> {
+        let attr = self.attribute(name)?;
+        let sk = AttributeSecretKey::generate(attr.clone(), Version::FIRST, &mut OsRng);
+        let rec = self.record_for(&sk, VersionState::Current)?;
+        let mut ev = event("create-attribute", "admin");
+        ev.attribute = Some(attr.to_string());
+        ev.detail = "version 1".into();
+        self.store.create_attribute(&rec, ev).await?;
+        Ok(rec)
+    }
+
+    fn record_for(
+        &self,
+        sk: &AttributeSecretKey,
+        state: VersionState,
+    ) -> NodeResult<AttributeRecord> {
+        let attr = sk.attribute().to_string();
+        let version = sk.version().get();
+        let pk = sk.public_key(&mut OsRng).to_bytes();
+        let sealed = self.kek.seal(
+            &mut OsRng,
+            &attribute_ad(self.id.as_str(), &attr, version),
+            &sk.to_bytes(),
+        )?;
+        Ok(AttributeRecord {
+            attribute: attr,
+            version,
+            public_key: pk,
+            secret_sealed: sealed,
+            state,
+            created_at: now(),
+        })
+    }
+
+    /// Every attribute version with its number of active holders.
+    pub async fn attributes(&self) -> NodeResult<Vec<(AttributeRecord, usize)>> {
+        let recs = self.store.attributes().await?;
+        let mut out = Vec::with_capacity(recs.len());
+        for r in recs {
+            let holders = if r.state == VersionState::Current {
+                self.store.holders(&r.attribute).await?.len()
+            } else {
+                0
+            };
+            out.push((r, holders));
+        }
+        Ok(out)
+    }
+
+    async fn current(&self, attribute: &str) -> NodeResult<AttributeRecord> {
+        self.store
+            .attribute_versions(attribute)
+            .await?
+            .into_iter()
+            .find(|r| r.state == VersionState::Current)
+            .ok_or_else(|| NodeError::NotFound(format!("attribute {attribute}")))
+    }
+
+    fn secret(&self, rec: &AttributeRecord) -> NodeResult<Arc<AttributeSecretKey>> {
+        let key = (rec.attribute.clone(), rec.version);
+        if let Ok(cache) = self.secrets.lock() {
+            if let Some(sk) = cache.get(&key) {
+                return Ok(Arc::clone(sk));
+            }
+        }
+        let bytes = self.kek.open(
+            &attribute_ad(self.id.as_str(), &rec.attribute, rec.version),
+            &rec.secret_sealed,
+        )?;
+        let sk = Arc::new(AttributeSecretKey::from_bytes(&bytes, &mut OsRng)?);
+        if sk.attribute().to_string() != rec.attribute || sk.version().get() != rec.version {
+            return Err(NodeError::Store(StoreError::Corrupt(format!(
+                "sealed secret of {}#{} is for another attribute",
+                rec.attribute, rec.version
+            ))));
+        }
+        if let Ok(mut cache) = self.secrets.lock() {
+            cache.insert(key, Arc::clone(&sk));
+        }
+        Ok(sk)
+    }
+
+    /// The directory body and the identity key's signature over it.
+    pub async fn signed_directory(&self) -> NodeResult<(Vec<u8>, Vec<u8>)> {
+        let issued_at = now();
+        let entries = self
+            .store
+            .attributes()
+            .await?
+            .into_iter()
+            .map(|r| DirectoryEntry {
+                attribute: r.attribute,
+                version: r.version,
+                current: r.state == VersionState::Current,
+                public_key: r.public_key,
+            })
+            .collect();
+        let body = Directory {
+            authority: self.id.to_string(),
+            issued_at,
+            valid_until: issued_at + self.config.directory_validity_secs,
+            entries,
+        }
+        .encode();
+        let sig = self.identity.sign(&body).to_bytes().to_vec();
+        Ok((body, sig))
+    }
+
+    // ---------------------------------------------------------------- people
+
+    /// Enroll a person with their Ed25519 request key.
+    pub async fn enroll(
+        &self,
+        registry: &str,
+        subject: &str,
+        request_key: &[u8],
+        roles: &[String],
+    ) -> NodeResult<PersonRecord> {
+        let gid = Gid::derive(registry, subject)
+            .map_err(|e| NodeError::InvalidArgument(e.to_string()))?;
+        let key: [u8; 32] = request_key
+            .try_into()
+            .map_err(|_| NodeError::InvalidArgument("a request key is 32 bytes".into()))?;
+        VerifyingKey::from_bytes(&key)
+            .map_err(|_| NodeError::InvalidArgument("not a valid Ed25519 public key".into()))?;
+        if roles.iter().any(|r| {
+            r.is_empty() || r.len() > 64 || r.contains(',') || r.chars().any(char::is_control)
+        }) {
+            return Err(NodeError::InvalidArgument(
+                "roles are non-empty names without commas".into(),
+            ));
+        }
+        let person = PersonRecord {
+            gid: *gid.as_bytes(),
+            registry: registry.trim().to_lowercase(),
+            subject: subject.trim().to_owned(),
+            request_key: key,
+            roles: roles.join(","),
+            enrolled_at: now(),
+        };
+        let mut ev = event("enroll", "admin");
+        ev.subject = Some(gid.to_string());
+        ev.detail = format!("roles [{}]", person.roles);
+        self.store.enroll(&person, ev).await?;
+        Ok(person)
+    }
+
+    // ---------------------------------------------------------------- grants
+
+    /// Grant an attribute directly.
+    pub async fn grant(
+        &self,
+        gid: &[u8],
+        attribute: &str,
+        expires_at: Option<i64>,
+        by: &str,
+    ) -> NodeResult<GrantRecord> {
+        let gid = gid_of(gid)?;
+        let attr = self.attribute(attribute)?;
+        let g = GrantRecord {
+            gid: *gid.as_bytes(),
+            attribute: attr.to_string(),
+            granted_by: by.into(),
+            granted_at: now(),
+            expires_at,
+        };
+        let mut ev = event("grant", by);
+        ev.subject = Some(gid.to_string());
+        ev.attribute = Some(attr.to_string());
+        ev.detail = match expires_at {
+            Some(t) => format!("expires at {t}"),
+            None => "no expiry".into(),
+        };
+        self.store.grant(&g, ev).await?;
+        Ok(g)
+    }
+
+    /// Revoke a grant and rotate the attribute to a new version, so keys the
+    /// revoked person holds stop working on new records (and, once the proxy
+    /// applied the update tokens, on stored ones). Remaining holders get the
+    /// new version on their next fetch.
+    pub async fn revoke(&self, gid: &[u8], attribute: &str) -> NodeResult<Revocation> {
+        let gid = gid_of(gid)?;
+        let attr = self.attribute(attribute)?;
+        let mut ev = event("revoke", "admin");
+        ev.subject = Some(gid.to_string());
+        ev.attribute = Some(attr.to_string());
+        self.store
+            .revoke_grant(gid.as_bytes(), &attr.to_string(), ev)
+            .await?;
+        let rec = self.current(&attr.to_string()).await?;
+        let sk = self.secret(&rec)?;
+        let (next, _update) = sk.rotate(&mut OsRng)?;
+        let new_rec = self.record_for(&next, VersionState::Current)?;
+        let mut ev = event("rotate", "admin");
+        ev.attribute = Some(attr.to_string());
+        ev.detail = format!("version {} -> {}", rec.version, new_rec.version);
+        self.store.rotate_attribute(&new_rec, ev).await?;
+        let remaining_holders = self.store.holders(&attr.to_string()).await?.len();
+        Ok(Revocation {
+            attribute: attr.to_string(),
+            new_version: new_rec.version,
+            remaining_holders,
+        })
+    }
+
+    // -------------------------------------------------------------- requests
+
+    /// Check freshness, enrollment, signature and nonce of a signed request,
+    /// in that order (the nonce is spent only by a correctly signed request).
+    /// Every refusal is audited.
+    async fn authenticate(&self, req: Signed<'_>) -> NodeResult<PersonRecord> {
+        let Signed {
+            what,
+            authority,
+            gid,
+            nonce,
+            timestamp,
+            signature,
+            message,
+        } = req;
+        let claimed = gid_of(gid)?;
+        let refuse = |reason: String| async move {
+            let mut ev = event("refusal", &claimed.to_string());
+            ev.subject = Some(claimed.to_string());
+            ev.detail = format!("{what}: {reason}");
+            // The refusal stands even if auditing it fails; the audit error is logged.
+            if let Err(e) = self.store.append_audit(ev).await {
+                tracing::error!(error = %e, "could not audit a refusal");
+            }
+            NodeError::Unauthenticated(reason)
+        };
+        if authority != self.id.as_str() {
+            return Err(refuse(format!(
+                "request is addressed to authority {authority:?}, this is {}",
+                self.id
+            ))
+            .await);
+        }
+        let t = now();
+        if (timestamp - t).abs() > self.config.max_clock_skew_secs {
+            return Err(refuse(format!(
+                "timestamp {timestamp} is more than {} s from the authority's clock ({t})",
+                self.config.max_clock_skew_secs
+            ))
+            .await);
+        }
+        if !(16..=64).contains(&nonce.len()) {
+            return Err(NodeError::InvalidArgument(
+                "a nonce is 16 to 64 bytes".into(),
+            ));
+        }
+        let Some(person) = self.store.person(claimed.as_bytes()).await? else {
+            return Err(refuse("GID is not enrolled at this authority".into()).await);
+        };
+        let key = VerifyingKey::from_bytes(&person.request_key)
+            .map_err(|_| NodeError::Store(StoreError::Corrupt("request key".into())))?;
+        let sig_ok = Signature::from_slice(signature)
+            .map(|s| key.verify_strict(message, &s).is_ok())
+            .unwrap_or(false);
+        if !sig_ok {
+            return Err(
+                refuse("signature does not verify with the enrolled request key".into()).await,
+            );
+        }
+        let fresh = self
+            .store
+            .use_nonce(
+                claimed.as_bytes(),
+                nonce,
+                t,
+                t - 2 * self.config.max_clock_skew_secs,
+            )
+            .await?;
+        if !fresh {
+            return Err(refuse("nonce was already used (replay)".into()).await);
+        }
+        Ok(person)
+    }
+
+    /// A person asks for an attribute with a reason; an admin decides.
+    pub async fn request_attribute(
+        &self,
+        req: &SignedAttributeRequest,
+    ) -> NodeResult<RequestRecord> {
+        if req.reason.trim().is_empty() || req.reason.len() > MAX_REASON_LEN {
+            return Err(NodeError::InvalidArgument(format!(
+                "a reason is required (at most {MAX_REASON_LEN} bytes)"
+            )));
+        }
+        let msg = mabe_proto::signing::attribute_request_message(
+            &req.authority,
+            &req.gid,
+            &req.attribute,
+            &req.reason,
+            &req.nonce,
+            req.timestamp,
+        );
+        let person = self
+            .authenticate(Signed {
+                what: "attribute request",
+                authority: &req.authority,
+                gid: &req.gid,
+                nonce: &req.nonce,
+                timestamp: req.timestamp,
+                signature: &req.signature,
+                message: &msg,
+            })
+            .await?;
+        let attr = self.attribute(&req.attribute)?.to_string();
+        self.current(&attr).await?;
+        let gid = Gid::from_bytes(person.gid);
+        let mut ev = event("request", &gid.to_string());
+        ev.subject = Some(gid.to_string());
+        ev.attribute = Some(attr.clone());
+        ev.detail = format!("reason: {}", req.reason);
+        Ok(self
+            .store
+            .create_request(&person.gid, &attr, &req.reason, now(), ev)
+            .await?)
+    }
+
+    /// Requests, optionally only those in one state.
+    pub async fn requests(&self, state: Option<RequestState>) -> NodeResult<Vec<RequestRecord>> {
+        Ok(self.store.requests(state).await?)
+    }
+
+    /// Approve or deny a pending request (approval creates the grant).
+    pub async fn decide(
+        &self,
+        id: i64,
+        approve: bool,
+        note: &str,
+        by: &str,
+    ) -> NodeResult<RequestRecord> {
+        if note.len() > MAX_REASON_LEN {
+            return Err(NodeError::InvalidArgument("note too long".into()));
+        }
+        let mut ev = event(if approve { "approve" } else { "deny" }, by);
+        ev.detail = format!("request {id}: {note}");
+        let rec = self
+            .store
+            .decide_request(id, approve, by, note, now(), ev)
+            .await?;
+        Ok(rec)
+    }
+
+    // ------------------------------------------------------------ key issue
+
+    /// Issue keys for the attributes granted to the requester (all of them,
+    /// or the ones asked for), at their current versions.
+    pub async fn fetch_keys(&self, req: &KeyFetch) -> NodeResult<Vec<IssuedKey>> {
+        let msg = mabe_proto::signing::key_request_message(
+            &req.authority,
+            &req.gid,
+            &req.attributes,
+            &req.nonce,
+            req.timestamp,
+        );
+        let person = self
+            .authenticate(Signed {
+                what: "key fetch",
+                authority: &req.authority,
+                gid: &req.gid,
+                nonce: &req.nonce,
+                timestamp: req.timestamp,
+                signature: &req.signature,
+                message: &msg,
+            })
+            .await?;
+        let gid = Gid::from_bytes(person.gid);
+        let t = now();
+        let grants: Vec<GrantRecord> = self
+            .store
+            .grants_for(&person.gid)
+            .await?
+            .into_iter()
+            .filter(|g| g.expires_at.is_none_or(|e| e > t))
+            .collect();
+        let wanted: Vec<&GrantRecord> = if req.attributes.is_empty() {
+            grants.iter().collect()
+        } else {
+            let mut out = Vec::new();
+            for a in &req.attributes {
+                let canonical = self.attribute(a)?.to_string();
+                match grants.iter().find(|g| g.attribute == canonical) {
+                    Some(g) => out.push(g),
+                    None => {
+                        let mut ev = event("refusal", &gid.to_string());
+                        ev.subject = Some(gid.to_string());
+                        ev.attribute = Some(canonical.clone());
+                        ev.detail = "key fetch: attribute not granted (or grant expired)".into();
+                        self.store.append_audit(ev).await?;
+                        return Err(NodeError::PermissionDenied(format!(
+                            "{canonical} is not granted to this GID"
+                        )));
+                    }
+                }
+            }
+            out
+        };
+        let hashed = HashedGid::new(gid)?;
+        let mut issued = Vec::with_capacity(wanted.len());
+        for g in wanted {
+            let rec = self.current(&g.attribute).await?;
+            let sk = self.secret(&rec)?;
+            let key = sk.keygen(&hashed, &mut OsRng);
+            issued.push(IssuedKey {
+                attribute: rec.attribute.clone(),
+                version: rec.version,
+                key: key.to_bytes(),
+                expires_at: g.expires_at,
+            });
+        }
+        let mut ev = event("issue", &gid.to_string());
+        ev.subject = Some(gid.to_string());
+        ev.detail = issued
+            .iter()
+            .map(|k| format!("{}#{}", k.attribute, k.version))
+            .collect::<Vec<_>>()
+            .join(", ");
+        self.store.append_audit(ev).await?;
+        Ok(issued)
+    }
+
+    // ----------------------------------------------------------------- audit
+
+    /// Sign a checkpoint of the audit chain at its current head.
+    pub async fn checkpoint(&self) -> NodeResult<Option<Checkpoint>> {
+        let mut last = None;
+        let mut from = 1;
+        loop {
+            let page = self.store.audit_entries(from, 1000).await?;
+            let Some(tail) = page.last() else { break };
+            from = tail.seq + 1;
+            last = Some((tail.seq, tail.hash));
+        }
+        let Some((seq, hash)) = last else {
+            return Ok(None);
+        };
+        let ts = now();
+        let msg = audit::checkpoint_message(self.id.as_str(), seq, &hash, ts);
+        let cp = Checkpoint {
+            seq,
+            hash,
+            ts,
+            signature: self.identity.sign(&msg).to_bytes().to_vec(),
+        };
+        self.store.add_checkpoint(&cp).await?;
+        Ok(Some(cp))
+    }
+
+    /// Verify the whole audit log and every checkpoint.
+    pub async fn verify_audit(&self) -> NodeResult<AuditReport> {
+        let mut v = Verifier::default();
+        let mut from = 1;
+        loop {
+            let page = self.store.audit_entries(from, 1000).await?;
+            let Some(tail) = page.last() else { break };
+            from = tail.seq + 1;
+            for e in &page {
+                v.entry(e);
+            }
+        }
+        let key = self.identity.verifying_key();
+        for cp in self.store.checkpoints().await? {
+            v.checkpoint(self.id.as_str(), &key, &cp);
+        }
+        Ok(v.finish())
+    }
+
+    /// Decode a stored public key (for tests and the CLI).
+    pub fn public_key_of(rec: &AttributeRecord) -> NodeResult<AttributePublicKey> {
+        Ok(AttributePublicKey::from_bytes(&rec.public_key)?)
+    }
+}

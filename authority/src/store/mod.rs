@@ -1,0 +1,344 @@
+//! Storage for an authority node: one trait, two real backends (SQLite, the
+//! embedded default, and PostgreSQL), one shared test suite.
+//!
+//! Every mutating operation takes the [`AuditEvent`] that records it and
+//! appends it to the hash-chained audit log **in the same transaction**, so
+//! an acknowledged write and its audit entry are never separated by a crash.
+//! Sequence numbers, nonces and the audit chain live in the database, so
+//! several `serve` processes over one PostgreSQL database work side by side.
+
+use std::fmt;
+
+use async_trait::async_trait;
+
+pub mod postgres;
+pub mod sqlite;
+
+/// Errors from a storage backend.
+#[non_exhaustive]
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The row to create already exists (attribute, person, grant, version).
+    #[error("already exists: {0}")]
+    AlreadyExists(String),
+    /// The row to change does not exist.
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// The operation does not apply in the row's current state (for example
+    /// deciding a request that was already decided).
+    #[error("conflict: {0}")]
+    Conflict(String),
+    /// The database holds something this code cannot read (corruption, a
+    /// newer schema, a tampered row that no longer decodes).
+    #[error("corrupt data: {0}")]
+    Corrupt(String),
+    /// The backend failed (connection, I/O, constraint, migration).
+    #[error("database error: {0}")]
+    Backend(String),
+}
+
+/// Result type of the store.
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// The node's identity, stored once at `init`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AuthorityMeta {
+    /// Authority id (`hospital-a`).
+    pub authority_id: String,
+    /// Ed25519 identity public key (signs the directory and checkpoints).
+    pub identity_public_key: [u8; 32],
+    /// Ed25519 identity secret key, sealed under the key-encryption key.
+    pub identity_secret_sealed: Vec<u8>,
+    /// Ed25519 public key that authenticates admin requests.
+    pub admin_public_key: [u8; 32],
+    /// Unix seconds.
+    pub created_at: i64,
+}
+
+impl fmt::Debug for AuthorityMeta {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AuthorityMeta")
+            .field("authority_id", &self.authority_id)
+            .field("created_at", &self.created_at)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Lifecycle state of one attribute version.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VersionState {
+    /// The version encryptors must use.
+    Current,
+    /// Replaced by a newer version (kept for decrypting old rows until updated).
+    Superseded,
+}
+
+impl VersionState {
+    /// Stable text form stored in the database.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VersionState::Current => "current",
+            VersionState::Superseded => "superseded",
+        }
+    }
+    /// Parse the stored text form.
+    pub fn parse(s: &str) -> StoreResult<Self> {
+        match s {
+            "current" => Ok(VersionState::Current),
+            "superseded" => Ok(VersionState::Superseded),
+            other => Err(StoreError::Corrupt(format!(
+                "unknown version state {other:?}"
+            ))),
+        }
+    }
+}
+
+/// One version of one attribute.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AttributeRecord {
+    /// Canonical attribute text, `name@authority`.
+    pub attribute: String,
+    /// Version (≥ 1).
+    pub version: u32,
+    /// Encoded `AttributePublicKey` (kind 'P').
+    pub public_key: Vec<u8>,
+    /// Encoded `AttributeSecretKey` (kind 'S'), sealed under the KEK with AD
+    /// binding (authority, attribute, version).
+    pub secret_sealed: Vec<u8>,
+    /// State.
+    pub state: VersionState,
+    /// Unix seconds.
+    pub created_at: i64,
+}
+
+impl fmt::Debug for AttributeRecord {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AttributeRecord")
+            .field("attribute", &self.attribute)
+            .field("version", &self.version)
+            .field("state", &self.state)
+            .finish_non_exhaustive()
+    }
+}
+
+/// An enrolled person.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PersonRecord {
+    /// 32-byte GID.
+    pub gid: [u8; 32],
+    /// Registry (normalized), e.g. `big-register`.
+    pub registry: String,
+    /// Subject within the registry.
+    pub subject: String,
+    /// Ed25519 public key that signs this person's requests.
+    pub request_key: [u8; 32],
+    /// Free-form roles, comma-separated (e.g. `emergency-staff`).
+    pub roles: String,
+    /// Unix seconds.
+    pub enrolled_at: i64,
+}
+
+/// A grant of an attribute to a person.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GrantRecord {
+    /// Holder.
+    pub gid: [u8; 32],
+    /// Canonical attribute text.
+    pub attribute: String,
+    /// Who granted it (`admin`, `request:<id>`, `patient`, …).
+    pub granted_by: String,
+    /// Unix seconds.
+    pub granted_at: i64,
+    /// Unix seconds after which the grant expires (emergency access), if any.
+    pub expires_at: Option<i64>,
+}
+
+/// State of an attribute request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RequestState {
+    /// Waiting for a decision.
+    Pending,
+    /// Approved (a grant was created in the same transaction).
+    Approved,
+    /// Denied.
+    Denied,
+}
+
+impl RequestState {
+    /// Stable text form stored in the database.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RequestState::Pending => "pending",
+            RequestState::Approved => "approved",
+            RequestState::Denied => "denied",
+        }
+    }
+    /// Parse the stored text form.
+    pub fn parse(s: &str) -> StoreResult<Self> {
+        match s {
+            "pending" => Ok(RequestState::Pending),
+            "approved" => Ok(RequestState::Approved),
+            "denied" => Ok(RequestState::Denied),
+            other => Err(StoreError::Corrupt(format!(
+                "unknown request state {other:?}"
+            ))),
+        }
+    }
+}
+
+/// A person's request for an attribute (researchers, family members).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RequestRecord {
+    /// Database-assigned id (> 0).
+    pub id: i64,
+    /// Requester.
+    pub gid: [u8; 32],
+    /// Canonical attribute text.
+    pub attribute: String,
+    /// The requester's stated reason.
+    pub reason: String,
+    /// State.
+    pub state: RequestState,
+    /// Unix seconds.
+    pub created_at: i64,
+    /// Who decided, when decided.
+    pub decided_by: Option<String>,
+    /// Unix seconds, when decided.
+    pub decided_at: Option<i64>,
+    /// The decider's note.
+    pub note: Option<String>,
+}
+
+/// What an audit entry records. The store assigns `seq`, links the hash chain
+/// and stores it in the same transaction as the change it describes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuditEvent {
+    /// Unix seconds.
+    pub ts: i64,
+    /// Kind: `enroll`, `grant`, `request`, `approve`, `deny`, `issue`, `refusal`,
+    /// `revoke`, `rotate`, `break-glass`, `create-attribute`, `checkpoint`, …
+    pub kind: String,
+    /// Who acted (`admin`, a GID in hex, `system`).
+    pub actor: String,
+    /// Person concerned, if any (GID hex).
+    pub subject: Option<String>,
+    /// Attribute concerned, if any.
+    pub attribute: Option<String>,
+    /// Free-form detail (JSON text or a sentence), never a secret.
+    pub detail: String,
+}
+
+/// A stored audit entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuditEntry {
+    /// Position in the chain, 1, 2, 3, … with no gaps.
+    pub seq: i64,
+    /// The event.
+    pub event: AuditEvent,
+    /// Hash of the previous entry (32 zero bytes for seq 1).
+    pub prev_hash: [u8; 32],
+    /// `crate::audit::entry_hash(seq, prev_hash, event)`.
+    pub hash: [u8; 32],
+}
+
+/// A signed checkpoint of the audit chain.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Checkpoint {
+    /// The last entry covered.
+    pub seq: i64,
+    /// Its hash.
+    pub hash: [u8; 32],
+    /// Unix seconds.
+    pub ts: i64,
+    /// Ed25519 signature by the identity key over `crate::audit::checkpoint_message`.
+    pub signature: Vec<u8>,
+}
+
+/// Storage for one authority node.
+#[async_trait]
+pub trait Store: Send + Sync + fmt::Debug {
+    /// Which backend (`sqlite`, `postgres`), for logs.
+    fn backend(&self) -> &'static str;
+
+    /// Store the node identity; fails with `AlreadyExists` if there is one.
+    async fn init_meta(&self, meta: &AuthorityMeta, ev: AuditEvent) -> StoreResult<()>;
+    /// The node identity, if initialised.
+    async fn meta(&self) -> StoreResult<Option<AuthorityMeta>>;
+
+    /// Create version 1 of a new attribute (`AlreadyExists` if any version exists).
+    async fn create_attribute(&self, rec: &AttributeRecord, ev: AuditEvent) -> StoreResult<()>;
+    /// Add `rec` (version n+1) as current and mark version n superseded, atomically.
+    /// `Conflict` unless `rec.version` is exactly the current version + 1.
+    async fn rotate_attribute(&self, rec: &AttributeRecord, ev: AuditEvent) -> StoreResult<()>;
+    /// Every version of every attribute, ordered by attribute then version.
+    async fn attributes(&self) -> StoreResult<Vec<AttributeRecord>>;
+    /// Every version of one attribute, ordered by version.
+    async fn attribute_versions(&self, attribute: &str) -> StoreResult<Vec<AttributeRecord>>;
+
+    /// Enroll a person (`AlreadyExists` if the GID is enrolled).
+    async fn enroll(&self, person: &PersonRecord, ev: AuditEvent) -> StoreResult<()>;
+    /// The enrolled person with this GID.
+    async fn person(&self, gid: &[u8; 32]) -> StoreResult<Option<PersonRecord>>;
+    /// All enrolled people, ordered by enrollment time.
+    async fn people(&self) -> StoreResult<Vec<PersonRecord>>;
+
+    /// Grant an attribute directly (`AlreadyExists` if an active grant exists,
+    /// `NotFound` if the person or attribute does not exist).
+    async fn grant(&self, grant: &GrantRecord, ev: AuditEvent) -> StoreResult<()>;
+    /// Remove an active grant (`NotFound` if there is none).
+    async fn revoke_grant(
+        &self,
+        gid: &[u8; 32],
+        attribute: &str,
+        ev: AuditEvent,
+    ) -> StoreResult<()>;
+    /// Active grants of one person (not revoked; expired ones included, the
+    /// caller filters by `expires_at`).
+    async fn grants_for(&self, gid: &[u8; 32]) -> StoreResult<Vec<GrantRecord>>;
+    /// Active grants of one attribute.
+    async fn holders(&self, attribute: &str) -> StoreResult<Vec<GrantRecord>>;
+
+    /// File a request; returns it with its id.
+    async fn create_request(
+        &self,
+        gid: &[u8; 32],
+        attribute: &str,
+        reason: &str,
+        created_at: i64,
+        ev: AuditEvent,
+    ) -> StoreResult<RequestRecord>;
+    /// Requests, optionally only those in one state, ordered by id.
+    async fn requests(&self, state: Option<RequestState>) -> StoreResult<Vec<RequestRecord>>;
+    /// Decide a pending request (`Conflict` if already decided, `NotFound` if no
+    /// such id). Approval creates the grant (granted_by `request:<id>`) in the
+    /// same transaction; an existing active grant is kept as is.
+    async fn decide_request(
+        &self,
+        id: i64,
+        approve: bool,
+        decided_by: &str,
+        note: &str,
+        decided_at: i64,
+        ev: AuditEvent,
+    ) -> StoreResult<RequestRecord>;
+
+    /// Record a request nonce; `Ok(false)` if this (gid, nonce) was seen before
+    /// (a replay). Nonces older than `prune_before` may be deleted.
+    async fn use_nonce(
+        &self,
+        gid: &[u8; 32],
+        nonce: &[u8],
+        seen_at: i64,
+        prune_before: i64,
+    ) -> StoreResult<bool>;
+
+    /// Append an audit entry that has no other change attached (issuance,
+    /// refusal). Returns the stored entry.
+    async fn append_audit(&self, ev: AuditEvent) -> StoreResult<AuditEntry>;
+    /// Audit entries with `seq >= from`, ordered by seq, at most `limit`.
+    async fn audit_entries(&self, from: i64, limit: i64) -> StoreResult<Vec<AuditEntry>>;
+    /// Store a signed checkpoint.
+    async fn add_checkpoint(&self, cp: &Checkpoint) -> StoreResult<()>;
+    /// All checkpoints, ordered by seq.
+    async fn checkpoints(&self) -> StoreResult<Vec<Checkpoint>>;
+}

@@ -1,0 +1,921 @@
+//! The PostgreSQL backend: for several `serve` replicas over one database.
+//!
+//! A deadpool-postgres pool (no TLS: run it over loopback or a private
+//! network) of at most [`MAX_CONNECTIONS`] connections. Every mutating
+//! operation is one transaction that performs the change and appends its
+//! audit entry; before reading the chain head it takes a transaction-scoped
+//! advisory lock ([`AUDIT_LOCK_KEY`]), so appends are serialized across the
+//! pool's connections and across processes sharing the database: no two
+//! entries get the same `seq` and the chain never forks. `audit.seq` is also
+//! the primary key, as a second line of defence.
+
+use std::fmt;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::FromSql;
+use tokio_postgres::{Client, NoTls, Row, Transaction};
+
+use super::{
+    AttributeRecord, AuditEntry, AuditEvent, AuthorityMeta, Checkpoint, GrantRecord, PersonRecord,
+    RequestRecord, RequestState, Store, StoreError, StoreResult, VersionState,
+};
+use crate::audit::entry_hash;
+
+/// Schema migrations, in order: (version, SQL). Missing ones are applied in
+/// one transaction together with their `schema_version` rows.
+const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("../../migrations/postgres/0001_init.sql"))];
+
+/// Largest number of pooled connections.
+pub const MAX_CONNECTIONS: usize = 16;
+
+/// Advisory lock key (`pg_advisory_xact_lock`) held by every transaction that
+/// appends to the audit log. The bytes spell `mabeaudt`.
+pub const AUDIT_LOCK_KEY: i64 = 0x6d61_6265_6175_6474;
+
+/// Advisory lock key held while migrating, so that replicas starting
+/// together do not race to create the schema. The bytes spell `mabemigr`.
+pub const MIGRATION_LOCK_KEY: i64 = 0x6d61_6265_6d69_6772;
+
+/// An authority store in a PostgreSQL database.
+///
+/// Cheap to clone: clones share the pool.
+#[derive(Clone)]
+pub struct PgStore {
+    pool: Pool,
+    database: String,
+}
+
+impl fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PgStore")
+            .field("database", &self.database)
+            .field("max_connections", &MAX_CONNECTIONS)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PgStore {
+    /// Connect to `url` (`postgres://user@host:port/db` or the `key=value`
+    /// form) and apply any missing migrations.
+    ///
+    /// Fails with [`StoreError::Corrupt`] if the database was written by a
+    /// newer build (its schema version is higher than this code knows).
+    pub async fn connect(url: &str) -> StoreResult<Self> {
+        let config: tokio_postgres::Config = url.parse().map_err(|e| {
+            StoreError::Backend(format!("invalid PostgreSQL connection string: {e}"))
+        })?;
+        Self::connect_with_config(config).await
+    }
+
+    /// Like [`PgStore::connect`], from an already parsed configuration.
+    pub async fn connect_with_config(config: tokio_postgres::Config) -> StoreResult<Self> {
+        let database = config.get_dbname().unwrap_or("(default)").to_owned();
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(MAX_CONNECTIONS)
+            .build()
+            .map_err(|e| StoreError::Backend(format!("cannot build the connection pool: {e}")))?;
+        let store = PgStore { pool, database };
+        let mut client = store.client().await?;
+        migrate(&mut client).await?;
+        Ok(store)
+    }
+
+    async fn client(&self) -> StoreResult<deadpool_postgres::Object> {
+        self.pool.get().await.map_err(|e| {
+            StoreError::Backend(format!(
+                "cannot get a connection to database {}: {e}",
+                self.database
+            ))
+        })
+    }
+}
+
+/// Apply every migration newer than the database's schema version, refusing
+/// a database from a newer build.
+async fn migrate(client: &mut Client) -> StoreResult<()> {
+    let latest = MIGRATIONS.last().map_or(0, |m| m.0);
+    let tx = client.transaction().await.map_err(pg_err)?;
+    tx.batch_execute(&format!(
+        "SELECT pg_advisory_xact_lock({MIGRATION_LOCK_KEY});
+         CREATE TABLE IF NOT EXISTS schema_version (
+             version    BIGINT NOT NULL PRIMARY KEY,
+             applied_at BIGINT NOT NULL
+         );"
+    ))
+    .await
+    .map_err(pg_err)?;
+    let row = tx
+        .query_one(
+            "SELECT COALESCE(MAX(version), 0)::BIGINT FROM schema_version",
+            &[],
+        )
+        .await
+        .map_err(pg_err)?;
+    let current: i64 = get(&row, 0)?;
+    if current > latest {
+        return Err(StoreError::Corrupt(format!(
+            "database schema {current} is newer than this build ({latest})"
+        )));
+    }
+    for &(version, sql) in MIGRATIONS.iter().filter(|m| m.0 > current) {
+        tx.batch_execute(sql).await.map_err(|e| {
+            StoreError::Backend(format!("migration {version} failed: {}", describe(&e)))
+        })?;
+        tx.execute(
+            "INSERT INTO schema_version (version, applied_at) VALUES ($1, $2)",
+            &[&version, &unix_now()],
+        )
+        .await
+        .map_err(pg_err)?;
+    }
+    tx.commit().await.map_err(pg_err)
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .ok()
+        .and_then(|d| i64::try_from(d.as_secs()).ok())
+        .unwrap_or(0)
+}
+
+/// The error with the server's message, detail and SQLSTATE, if it has them.
+fn describe(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => {
+            let mut s = format!("{} (SQLSTATE {})", db.message(), db.code().code());
+            if let Some(detail) = db.detail() {
+                s.push_str(": ");
+                s.push_str(detail);
+            }
+            s
+        }
+        None => e.to_string(),
+    }
+}
+
+/// Map a tokio-postgres error: unique violations to `AlreadyExists`,
+/// foreign-key violations to `NotFound`, the rest to `Backend`.
+fn pg_err(e: tokio_postgres::Error) -> StoreError {
+    let code = e.code().cloned();
+    let text = describe(&e);
+    match code {
+        Some(c) if c == SqlState::UNIQUE_VIOLATION => StoreError::AlreadyExists(text),
+        Some(c) if c == SqlState::FOREIGN_KEY_VIOLATION => {
+            StoreError::NotFound(format!("a referenced row does not exist ({text})"))
+        }
+        _ => StoreError::Backend(text),
+    }
+}
+
+/// One column of a row; a value of the wrong type is `Corrupt`, never a panic.
+fn get<'a, T: FromSql<'a>>(row: &'a Row, idx: usize) -> StoreResult<T> {
+    row.try_get(idx)
+        .map_err(|e| StoreError::Corrupt(format!("cannot read column {idx}: {e}")))
+}
+
+fn to32(v: &[u8], what: &str) -> StoreResult<[u8; 32]> {
+    <[u8; 32]>::try_from(v)
+        .map_err(|_| StoreError::Corrupt(format!("{what} is {} bytes, expected 32", v.len())))
+}
+
+fn version_from(attribute: &str, v: i64) -> StoreResult<u32> {
+    u32::try_from(v).ok().filter(|v| *v >= 1).ok_or_else(|| {
+        StoreError::Corrupt(format!("attribute {attribute} has invalid version {v}"))
+    })
+}
+
+fn gid_hex(gid: &[u8; 32]) -> String {
+    hex::encode(gid)
+}
+
+// ---- row decoding ----
+
+const META_COLS: &str =
+    "authority_id, identity_public_key, identity_secret_sealed, admin_public_key, created_at";
+
+fn meta_from(r: &Row) -> StoreResult<AuthorityMeta> {
+    Ok(AuthorityMeta {
+        authority_id: get(r, 0)?,
+        identity_public_key: to32(get(r, 1)?, "identity public key")?,
+        identity_secret_sealed: get(r, 2)?,
+        admin_public_key: to32(get(r, 3)?, "admin public key")?,
+        created_at: get(r, 4)?,
+    })
+}
+
+const ATTR_COLS: &str = "attribute, version, public_key, secret_sealed, state, created_at";
+
+fn attr_from(r: &Row) -> StoreResult<AttributeRecord> {
+    let attribute: String = get(r, 0)?;
+    Ok(AttributeRecord {
+        version: version_from(&attribute, get(r, 1)?)?,
+        public_key: get(r, 2)?,
+        secret_sealed: get(r, 3)?,
+        state: VersionState::parse(get(r, 4)?)?,
+        created_at: get(r, 5)?,
+        attribute,
+    })
+}
+
+const PERSON_COLS: &str = "gid, registry, subject, request_key, roles, enrolled_at";
+
+fn person_from(r: &Row) -> StoreResult<PersonRecord> {
+    Ok(PersonRecord {
+        gid: to32(get(r, 0)?, "person GID")?,
+        registry: get(r, 1)?,
+        subject: get(r, 2)?,
+        request_key: to32(get(r, 3)?, "person request key")?,
+        roles: get(r, 4)?,
+        enrolled_at: get(r, 5)?,
+    })
+}
+
+const GRANT_COLS: &str = "gid, attribute, granted_by, granted_at, expires_at";
+
+fn grant_from(r: &Row) -> StoreResult<GrantRecord> {
+    Ok(GrantRecord {
+        gid: to32(get(r, 0)?, "grant GID")?,
+        attribute: get(r, 1)?,
+        granted_by: get(r, 2)?,
+        granted_at: get(r, 3)?,
+        expires_at: get(r, 4)?,
+    })
+}
+
+const REQUEST_COLS: &str =
+    "id, gid, attribute, reason, state, created_at, decided_by, decided_at, note";
+
+fn request_from(r: &Row) -> StoreResult<RequestRecord> {
+    Ok(RequestRecord {
+        id: get(r, 0)?,
+        gid: to32(get(r, 1)?, "request GID")?,
+        attribute: get(r, 2)?,
+        reason: get(r, 3)?,
+        state: RequestState::parse(get(r, 4)?)?,
+        created_at: get(r, 5)?,
+        decided_by: get(r, 6)?,
+        decided_at: get(r, 7)?,
+        note: get(r, 8)?,
+    })
+}
+
+const AUDIT_COLS: &str = "seq, ts, kind, actor, subject, attribute, detail, prev_hash, hash";
+
+fn audit_from(r: &Row) -> StoreResult<AuditEntry> {
+    let seq: i64 = get(r, 0)?;
+    Ok(AuditEntry {
+        seq,
+        event: AuditEvent {
+            ts: get(r, 1)?,
+            kind: get(r, 2)?,
+            actor: get(r, 3)?,
+            subject: get(r, 4)?,
+            attribute: get(r, 5)?,
+            detail: get(r, 6)?,
+        },
+        prev_hash: to32(get(r, 7)?, &format!("audit entry {seq} previous hash"))?,
+        hash: to32(get(r, 8)?, &format!("audit entry {seq} hash"))?,
+    })
+}
+
+fn checkpoint_from(r: &Row) -> StoreResult<Checkpoint> {
+    let seq: i64 = get(r, 0)?;
+    Ok(Checkpoint {
+        seq,
+        hash: to32(get(r, 1)?, &format!("checkpoint {seq} hash"))?,
+        ts: get(r, 2)?,
+        signature: get(r, 3)?,
+    })
+}
+
+/// Begin a transaction that will append to the audit log: the advisory lock
+/// is taken first, so every read after it sees the latest committed chain
+/// head and no other appender can run until this transaction ends.
+async fn begin_audited(client: &mut Client) -> StoreResult<Transaction<'_>> {
+    let tx = client.transaction().await.map_err(pg_err)?;
+    tx.batch_execute(&format!("SELECT pg_advisory_xact_lock({AUDIT_LOCK_KEY})"))
+        .await
+        .map_err(pg_err)?;
+    Ok(tx)
+}
+
+/// Append `ev` to the audit chain inside a transaction from [`begin_audited`].
+async fn append(tx: &Transaction<'_>, ev: &AuditEvent) -> StoreResult<AuditEntry> {
+    let last = tx
+        .query_opt("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1", &[])
+        .await
+        .map_err(pg_err)?;
+    let (seq, prev_hash) = match last {
+        None => (1i64, [0u8; 32]),
+        Some(row) => {
+            let seq: i64 = get(&row, 0)?;
+            let hash: &[u8] = get(&row, 1)?;
+            (
+                seq.checked_add(1).ok_or_else(|| {
+                    StoreError::Corrupt(format!("audit sequence {seq} cannot grow"))
+                })?,
+                to32(hash, &format!("audit entry {seq} hash"))?,
+            )
+        }
+    };
+    let hash = entry_hash(seq, &prev_hash, ev);
+    tx.execute(
+        "INSERT INTO audit (seq, ts, kind, actor, subject, attribute, detail, prev_hash, hash)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        &[
+            &seq,
+            &ev.ts,
+            &ev.kind,
+            &ev.actor,
+            &ev.subject,
+            &ev.attribute,
+            &ev.detail,
+            &prev_hash.as_slice(),
+            &hash.as_slice(),
+        ],
+    )
+    .await
+    .map_err(pg_err)?;
+    Ok(AuditEntry {
+        seq,
+        event: ev.clone(),
+        prev_hash,
+        hash,
+    })
+}
+
+async fn person_known(tx: &Transaction<'_>, gid: &[u8; 32]) -> StoreResult<bool> {
+    let row = tx
+        .query_opt("SELECT 1 FROM people WHERE gid = $1", &[&gid.as_slice()])
+        .await
+        .map_err(pg_err)?;
+    Ok(row.is_some())
+}
+
+async fn person_exists(tx: &Transaction<'_>, gid: &[u8; 32]) -> StoreResult<()> {
+    if person_known(tx, gid).await? {
+        Ok(())
+    } else {
+        Err(StoreError::NotFound(format!(
+            "person {} is not enrolled",
+            gid_hex(gid)
+        )))
+    }
+}
+
+async fn attribute_known(tx: &Transaction<'_>, attribute: &str) -> StoreResult<bool> {
+    let row = tx
+        .query_opt(
+            "SELECT 1 FROM attributes WHERE attribute = $1 LIMIT 1",
+            &[&attribute],
+        )
+        .await
+        .map_err(pg_err)?;
+    Ok(row.is_some())
+}
+
+async fn attribute_exists(tx: &Transaction<'_>, attribute: &str) -> StoreResult<()> {
+    if attribute_known(tx, attribute).await? {
+        Ok(())
+    } else {
+        Err(StoreError::NotFound(format!(
+            "attribute {attribute} does not exist"
+        )))
+    }
+}
+
+async fn active_grant_exists(
+    tx: &Transaction<'_>,
+    gid: &[u8; 32],
+    attribute: &str,
+) -> StoreResult<bool> {
+    let row = tx
+        .query_opt(
+            "SELECT 1 FROM grants WHERE gid = $1 AND attribute = $2 AND revoked_at IS NULL",
+            &[&gid.as_slice(), &attribute],
+        )
+        .await
+        .map_err(pg_err)?;
+    Ok(row.is_some())
+}
+
+async fn insert_grant(tx: &Transaction<'_>, g: &GrantRecord) -> StoreResult<()> {
+    tx.execute(
+        "INSERT INTO grants (gid, attribute, granted_by, granted_at, expires_at)
+         VALUES ($1, $2, $3, $4, $5)",
+        &[
+            &g.gid.as_slice(),
+            &g.attribute,
+            &g.granted_by,
+            &g.granted_at,
+            &g.expires_at,
+        ],
+    )
+    .await
+    .map_err(|e| match pg_err(e) {
+        StoreError::AlreadyExists(_) => StoreError::AlreadyExists(format!(
+            "{} already holds an active grant of {}",
+            gid_hex(&g.gid),
+            g.attribute
+        )),
+        other => other,
+    })?;
+    Ok(())
+}
+
+async fn insert_attribute_version(tx: &Transaction<'_>, rec: &AttributeRecord) -> StoreResult<()> {
+    tx.execute(
+        &format!("INSERT INTO attributes ({ATTR_COLS}) VALUES ($1, $2, $3, $4, $5, $6)"),
+        &[
+            &rec.attribute,
+            &i64::from(rec.version),
+            &rec.public_key,
+            &rec.secret_sealed,
+            &VersionState::Current.as_str(),
+            &rec.created_at,
+        ],
+    )
+    .await
+    .map_err(pg_err)?;
+    Ok(())
+}
+
+#[async_trait]
+impl Store for PgStore {
+    fn backend(&self) -> &'static str {
+        "postgres"
+    }
+
+    async fn init_meta(&self, meta: &AuthorityMeta, ev: AuditEvent) -> StoreResult<()> {
+        let mut client = self.client().await?;
+        let tx = begin_audited(&mut client).await?;
+        if tx
+            .query_opt("SELECT 1 FROM meta", &[])
+            .await
+            .map_err(pg_err)?
+            .is_some()
+        {
+            return Err(StoreError::AlreadyExists(
+                "the authority is already initialised".to_owned(),
+            ));
+        }
+        tx.execute(
+            &format!("INSERT INTO meta (id, {META_COLS}) VALUES (1, $1, $2, $3, $4, $5)"),
+            &[
+                &meta.authority_id,
+                &meta.identity_public_key.as_slice(),
+                &meta.identity_secret_sealed,
+                &meta.admin_public_key.as_slice(),
+                &meta.created_at,
+            ],
+        )
+        .await
+        .map_err(pg_err)?;
+        append(&tx, &ev).await?;
+        tx.commit().await.map_err(pg_err)
+    }
+
+    async fn meta(&self) -> StoreResult<Option<AuthorityMeta>> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(&format!("SELECT {META_COLS} FROM meta WHERE id = 1"), &[])
+            .await
+            .map_err(pg_err)?;
+        row.as_ref().map(meta_from).transpose()
+    }
+
+    async fn create_attribute(&self, rec: &AttributeRecord, ev: AuditEvent) -> StoreResult<()> {
+        if rec.version != 1 {
+            return Err(StoreError::Conflict(format!(
+                "a new attribute starts at version 1, not {}",
+                rec.version
+            )));
+        }
+        let mut client = self.client().await?;
+        let tx = begin_audited(&mut client).await?;
+        if attribute_known(&tx, &rec.attribute).await? {
+            return Err(StoreError::AlreadyExists(format!(
+                "attribute {} already exists",
+                rec.attribute
+            )));
+        }
+        insert_attribute_version(&tx, rec).await?;
+        append(&tx, &ev).await?;
+        tx.commit().await.map_err(pg_err)
+    }
+
+    async fn rotate_attribute(&self, rec: &AttributeRecord, ev: AuditEvent) -> StoreResult<()> {
+        let mut client = self.client().await?;
+        let tx = begin_audited(&mut client).await?;
+        let row = tx
+            .query_one(
+                "SELECT MAX(version) FROM attributes WHERE attribute = $1",
+                &[&rec.attribute],
+            )
+            .await
+            .map_err(pg_err)?;
+        let Some(current): Option<i64> = get(&row, 0)? else {
+            return Err(StoreError::NotFound(format!(
+                "attribute {} does not exist",
+                rec.attribute
+            )));
+        };
+        if current.checked_add(1) != Some(i64::from(rec.version)) {
+            return Err(StoreError::Conflict(format!(
+                "attribute {} is at version {current}; the next version is {}, not {}",
+                rec.attribute,
+                current.saturating_add(1),
+                rec.version
+            )));
+        }
+        tx.execute(
+            "UPDATE attributes SET state = $1 WHERE attribute = $2 AND state = $3",
+            &[
+                &VersionState::Superseded.as_str(),
+                &rec.attribute,
+                &VersionState::Current.as_str(),
+            ],
+        )
+        .await
+        .map_err(pg_err)?;
+        insert_attribute_version(&tx, rec).await?;
+        append(&tx, &ev).await?;
+        tx.commit().await.map_err(pg_err)
+    }
+
+    async fn attributes(&self) -> StoreResult<Vec<AttributeRecord>> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                &format!("SELECT {ATTR_COLS} FROM attributes ORDER BY attribute, version"),
+                &[],
+            )
+            .await
+            .map_err(pg_err)?;
+        rows.iter().map(attr_from).collect()
+    }
+
+    async fn attribute_versions(&self, attribute: &str) -> StoreResult<Vec<AttributeRecord>> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT {ATTR_COLS} FROM attributes WHERE attribute = $1 ORDER BY version"
+                ),
+                &[&attribute],
+            )
+            .await
+            .map_err(pg_err)?;
+        rows.iter().map(attr_from).collect()
+    }
+
+    async fn enroll(&self, p: &PersonRecord, ev: AuditEvent) -> StoreResult<()> {
+        let mut client = self.client().await?;
+        let tx = begin_audited(&mut client).await?;
+        if person_known(&tx, &p.gid).await? {
+            return Err(StoreError::AlreadyExists(format!(
+                "person {} is already enrolled",
+                gid_hex(&p.gid)
+            )));
+        }
+        let taken = tx
+            .query_opt(
+                "SELECT 1 FROM people WHERE registry = $1 AND subject = $2",
+                &[&p.registry, &p.subject],
+            )
+            .await
+            .map_err(pg_err)?;
+        if taken.is_some() {
+            return Err(StoreError::AlreadyExists(format!(
+                "subject {:?} of registry {:?} is already enrolled under another GID",
+                p.subject, p.registry
+            )));
+        }
+        tx.execute(
+            &format!("INSERT INTO people ({PERSON_COLS}) VALUES ($1, $2, $3, $4, $5, $6)"),
+            &[
+                &p.gid.as_slice(),
+                &p.registry,
+                &p.subject,
+                &p.request_key.as_slice(),
+                &p.roles,
+                &p.enrolled_at,
+            ],
+        )
+        .await
+        .map_err(pg_err)?;
+        append(&tx, &ev).await?;
+        tx.commit().await.map_err(pg_err)
+    }
+
+    async fn person(&self, gid: &[u8; 32]) -> StoreResult<Option<PersonRecord>> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                &format!("SELECT {PERSON_COLS} FROM people WHERE gid = $1"),
+                &[&gid.as_slice()],
+            )
+            .await
+            .map_err(pg_err)?;
+        row.as_ref().map(person_from).transpose()
+    }
+
+    async fn people(&self) -> StoreResult<Vec<PersonRecord>> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                &format!("SELECT {PERSON_COLS} FROM people ORDER BY enrolled_at, gid"),
+                &[],
+            )
+            .await
+            .map_err(pg_err)?;
+        rows.iter().map(person_from).collect()
+    }
+
+    async fn grant(&self, g: &GrantRecord, ev: AuditEvent) -> StoreResult<()> {
+        let mut client = self.client().await?;
+        let tx = begin_audited(&mut client).await?;
+        person_exists(&tx, &g.gid).await?;
+        attribute_exists(&tx, &g.attribute).await?;
+        if active_grant_exists(&tx, &g.gid, &g.attribute).await? {
+            return Err(StoreError::AlreadyExists(format!(
+                "{} already holds an active grant of {}",
+                gid_hex(&g.gid),
+                g.attribute
+            )));
+        }
+        insert_grant(&tx, g).await?;
+        append(&tx, &ev).await?;
+        tx.commit().await.map_err(pg_err)
+    }
+
+    async fn revoke_grant(
+        &self,
+        gid: &[u8; 32],
+        attribute: &str,
+        ev: AuditEvent,
+    ) -> StoreResult<()> {
+        let mut client = self.client().await?;
+        let tx = begin_audited(&mut client).await?;
+        let changed = tx
+            .execute(
+                "UPDATE grants SET revoked_at = $1
+                 WHERE gid = $2 AND attribute = $3 AND revoked_at IS NULL",
+                &[&ev.ts, &gid.as_slice(), &attribute],
+            )
+            .await
+            .map_err(pg_err)?;
+        if changed == 0 {
+            return Err(StoreError::NotFound(format!(
+                "{} holds no active grant of {attribute}",
+                gid_hex(gid)
+            )));
+        }
+        append(&tx, &ev).await?;
+        tx.commit().await.map_err(pg_err)
+    }
+
+    async fn grants_for(&self, gid: &[u8; 32]) -> StoreResult<Vec<GrantRecord>> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT {GRANT_COLS} FROM grants WHERE gid = $1 AND revoked_at IS NULL
+                     ORDER BY attribute"
+                ),
+                &[&gid.as_slice()],
+            )
+            .await
+            .map_err(pg_err)?;
+        rows.iter().map(grant_from).collect()
+    }
+
+    async fn holders(&self, attribute: &str) -> StoreResult<Vec<GrantRecord>> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT {GRANT_COLS} FROM grants WHERE attribute = $1 AND revoked_at IS NULL
+                     ORDER BY granted_at, id"
+                ),
+                &[&attribute],
+            )
+            .await
+            .map_err(pg_err)?;
+        rows.iter().map(grant_from).collect()
+    }
+
+    async fn create_request(
+        &self,
+        gid: &[u8; 32],
+        attribute: &str,
+        reason: &str,
+        created_at: i64,
+        ev: AuditEvent,
+    ) -> StoreResult<RequestRecord> {
+        let mut client = self.client().await?;
+        let tx = begin_audited(&mut client).await?;
+        person_exists(&tx, gid).await?;
+        attribute_exists(&tx, attribute).await?;
+        let row = tx
+            .query_one(
+                "INSERT INTO requests (gid, attribute, reason, state, created_at)
+                 VALUES ($1, $2, $3, $4, $5) RETURNING id",
+                &[
+                    &gid.as_slice(),
+                    &attribute,
+                    &reason,
+                    &RequestState::Pending.as_str(),
+                    &created_at,
+                ],
+            )
+            .await
+            .map_err(pg_err)?;
+        let id: i64 = get(&row, 0)?;
+        append(&tx, &ev).await?;
+        tx.commit().await.map_err(pg_err)?;
+        Ok(RequestRecord {
+            id,
+            gid: *gid,
+            attribute: attribute.to_owned(),
+            reason: reason.to_owned(),
+            state: RequestState::Pending,
+            created_at,
+            decided_by: None,
+            decided_at: None,
+            note: None,
+        })
+    }
+
+    async fn requests(&self, state: Option<RequestState>) -> StoreResult<Vec<RequestRecord>> {
+        let client = self.client().await?;
+        let state = state.map(RequestState::as_str);
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT {REQUEST_COLS} FROM requests
+                     WHERE $1::TEXT IS NULL OR state = $1::TEXT ORDER BY id"
+                ),
+                &[&state],
+            )
+            .await
+            .map_err(pg_err)?;
+        rows.iter().map(request_from).collect()
+    }
+
+    async fn decide_request(
+        &self,
+        id: i64,
+        approve: bool,
+        decided_by: &str,
+        note: &str,
+        decided_at: i64,
+        ev: AuditEvent,
+    ) -> StoreResult<RequestRecord> {
+        let mut client = self.client().await?;
+        let tx = begin_audited(&mut client).await?;
+        let row = tx
+            .query_opt(
+                &format!("SELECT {REQUEST_COLS} FROM requests WHERE id = $1 FOR UPDATE"),
+                &[&id],
+            )
+            .await
+            .map_err(pg_err)?;
+        let Some(row) = row else {
+            return Err(StoreError::NotFound(format!("request {id} does not exist")));
+        };
+        let mut req = request_from(&row)?;
+        if req.state != RequestState::Pending {
+            return Err(StoreError::Conflict(format!(
+                "request {id} was already {}",
+                req.state.as_str()
+            )));
+        }
+        let state = if approve {
+            RequestState::Approved
+        } else {
+            RequestState::Denied
+        };
+        tx.execute(
+            "UPDATE requests SET state = $1, decided_by = $2, decided_at = $3, note = $4
+             WHERE id = $5",
+            &[&state.as_str(), &decided_by, &decided_at, &note, &id],
+        )
+        .await
+        .map_err(pg_err)?;
+        if approve && !active_grant_exists(&tx, &req.gid, &req.attribute).await? {
+            insert_grant(
+                &tx,
+                &GrantRecord {
+                    gid: req.gid,
+                    attribute: req.attribute.clone(),
+                    granted_by: format!("request:{id}"),
+                    granted_at: decided_at,
+                    expires_at: None,
+                },
+            )
+            .await?;
+        }
+        append(&tx, &ev).await?;
+        tx.commit().await.map_err(pg_err)?;
+        req.state = state;
+        req.decided_by = Some(decided_by.to_owned());
+        req.decided_at = Some(decided_at);
+        req.note = Some(note.to_owned());
+        Ok(req)
+    }
+
+    async fn use_nonce(
+        &self,
+        gid: &[u8; 32],
+        nonce: &[u8],
+        seen_at: i64,
+        prune_before: i64,
+    ) -> StoreResult<bool> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg_err)?;
+        // SKIP LOCKED: concurrent callers prune disjoint rows instead of
+        // waiting for (or deadlocking with) each other.
+        tx.execute(
+            "DELETE FROM nonces WHERE (gid, nonce) IN (
+                 SELECT gid, nonce FROM nonces WHERE seen_at < $1 FOR UPDATE SKIP LOCKED)",
+            &[&prune_before],
+        )
+        .await
+        .map_err(pg_err)?;
+        let inserted = tx
+            .execute(
+                "INSERT INTO nonces (gid, nonce, seen_at) VALUES ($1, $2, $3)
+                 ON CONFLICT (gid, nonce) DO NOTHING",
+                &[&gid.as_slice(), &nonce, &seen_at],
+            )
+            .await
+            .map_err(pg_err)?;
+        tx.commit().await.map_err(pg_err)?;
+        Ok(inserted == 1)
+    }
+
+    async fn append_audit(&self, ev: AuditEvent) -> StoreResult<AuditEntry> {
+        let mut client = self.client().await?;
+        let tx = begin_audited(&mut client).await?;
+        let entry = append(&tx, &ev).await?;
+        tx.commit().await.map_err(pg_err)?;
+        Ok(entry)
+    }
+
+    async fn audit_entries(&self, from: i64, limit: i64) -> StoreResult<Vec<AuditEntry>> {
+        if limit <= 0 {
+            return Ok(Vec::new());
+        }
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                &format!("SELECT {AUDIT_COLS} FROM audit WHERE seq >= $1 ORDER BY seq LIMIT $2"),
+                &[&from, &limit],
+            )
+            .await
+            .map_err(pg_err)?;
+        rows.iter().map(audit_from).collect()
+    }
+
+    async fn add_checkpoint(&self, cp: &Checkpoint) -> StoreResult<()> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "INSERT INTO checkpoints (seq, hash, ts, signature) VALUES ($1, $2, $3, $4)",
+                &[&cp.seq, &cp.hash.as_slice(), &cp.ts, &cp.signature],
+            )
+            .await
+            .map_err(|e| match pg_err(e) {
+                StoreError::AlreadyExists(_) => StoreError::AlreadyExists(format!(
+                    "a checkpoint at entry {} already exists",
+                    cp.seq
+                )),
+                other => other,
+            })?;
+        Ok(())
+    }
+
+    async fn checkpoints(&self) -> StoreResult<Vec<Checkpoint>> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT seq, hash, ts, signature FROM checkpoints ORDER BY seq",
+                &[],
+            )
+            .await
+            .map_err(pg_err)?;
+        rows.iter().map(checkpoint_from).collect()
+    }
+}

@@ -1,0 +1,1072 @@
+//! The SQLite backend: the embedded default, one database file per node.
+//!
+//! rusqlite is blocking, so every operation runs on
+//! [`tokio::task::spawn_blocking`] against one connection behind a mutex.
+//! The connection runs with `journal_mode=WAL`, `synchronous=FULL` (an
+//! acknowledged write survives a crash or `SIGKILL`), `foreign_keys=ON` and
+//! `busy_timeout=5000`. Every mutating operation is one `BEGIN IMMEDIATE`
+//! transaction that performs the change and appends its audit entry, so the
+//! write lock is held from the moment the chain head is read until the new
+//! entry is committed: appends are serialized even across processes that
+//! open the same file.
+
+use std::fmt;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
+
+use super::{
+    AttributeRecord, AuditEntry, AuditEvent, AuthorityMeta, Checkpoint, GrantRecord, PersonRecord,
+    RequestRecord, RequestState, Store, StoreError, StoreResult, VersionState,
+};
+use crate::audit::entry_hash;
+
+/// Schema migrations, in order: (version, SQL). Each is applied once, in its
+/// own transaction together with its `schema_version` row.
+const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("../../migrations/sqlite/0001_init.sql"))];
+
+/// How long a writer waits for another process's write lock.
+const BUSY_TIMEOUT: Duration = Duration::from_millis(5000);
+
+/// An authority store in one SQLite database file.
+///
+/// Cheap to clone: clones share the connection.
+#[derive(Clone)]
+pub struct SqliteStore {
+    conn: Arc<Mutex<Connection>>,
+    location: Arc<str>,
+}
+
+impl fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("location", &self.location)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SqliteStore {
+    /// Open (creating if needed) the database file at `path`, set the
+    /// connection's pragmas and apply any missing migrations.
+    ///
+    /// Fails with [`StoreError::Corrupt`] if the database was written by a
+    /// newer build (its schema version is higher than this code knows).
+    pub fn open(path: &Path) -> StoreResult<Self> {
+        let conn = Connection::open(path).map_err(|e| {
+            StoreError::Backend(format!(
+                "cannot open SQLite database {}: {e}",
+                path.display()
+            ))
+        })?;
+        Self::setup(conn, path.display().to_string(), true)
+    }
+
+    /// A private in-memory database (tests, experiments). Nothing survives
+    /// the store being dropped.
+    pub fn open_in_memory() -> StoreResult<Self> {
+        let conn = Connection::open_in_memory().map_err(|e| {
+            StoreError::Backend(format!("cannot open in-memory SQLite database: {e}"))
+        })?;
+        Self::setup(conn, ":memory:".to_owned(), false)
+    }
+
+    fn setup(mut conn: Connection, location: String, file: bool) -> StoreResult<Self> {
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(db_err)?;
+        let mode: String = conn
+            .pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))
+            .map_err(db_err)?;
+        if file && !mode.eq_ignore_ascii_case("wal") {
+            return Err(StoreError::Backend(format!(
+                "cannot enable WAL journal mode on {location} (the database stays in {mode:?} mode)"
+            )));
+        }
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(db_err)?;
+        conn.pragma_update(None, "foreign_keys", "ON")
+            .map_err(db_err)?;
+        let synchronous: i64 = conn
+            .query_row("PRAGMA synchronous", [], |r| r.get(0))
+            .map_err(db_err)?;
+        let foreign_keys: i64 = conn
+            .query_row("PRAGMA foreign_keys", [], |r| r.get(0))
+            .map_err(db_err)?;
+        // 2 = FULL, 3 = EXTRA (also durable).
+        if synchronous < 2 || foreign_keys != 1 {
+            return Err(StoreError::Backend(format!(
+                "SQLite refused the connection settings (synchronous={synchronous}, foreign_keys={foreign_keys})"
+            )));
+        }
+        migrate(&mut conn)?;
+        Ok(SqliteStore {
+            conn: Arc::new(Mutex::new(conn)),
+            location: location.into(),
+        })
+    }
+
+    /// Run `f` with the connection on the blocking thread pool.
+    async fn call<T, F>(&self, f: F) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> StoreResult<T> + Send + 'static,
+    {
+        let conn = Arc::clone(&self.conn);
+        tokio::task::spawn_blocking(move || {
+            let mut guard = conn.lock().map_err(|_| {
+                StoreError::Backend(
+                    "the SQLite connection is unusable: a previous operation panicked while holding it"
+                        .to_owned(),
+                )
+            })?;
+            f(&mut guard)
+        })
+        .await
+        .map_err(|e| StoreError::Backend(format!("SQLite worker task failed: {e}")))?
+    }
+
+    /// Run `f` inside one `BEGIN IMMEDIATE` transaction, committed if `f`
+    /// succeeds and rolled back otherwise.
+    async fn write<T, F>(&self, f: F) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> StoreResult<T> + Send + 'static,
+    {
+        self.call(move |conn| {
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(db_err)?;
+            let out = f(&tx)?;
+            tx.commit().map_err(db_err)?;
+            Ok(out)
+        })
+        .await
+    }
+}
+
+/// Apply every migration newer than the database's schema version, refusing
+/// a database from a newer build.
+fn migrate(conn: &mut Connection) -> StoreResult<()> {
+    let latest = MIGRATIONS.last().map_or(0, |m| m.0);
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(db_err)?;
+    tx.execute_batch(
+        "CREATE TABLE IF NOT EXISTS schema_version (
+             version    INTEGER NOT NULL PRIMARY KEY,
+             applied_at INTEGER NOT NULL
+         ) STRICT",
+    )
+    .map_err(db_err)?;
+    let current: i64 = tx
+        .query_row(
+            "SELECT COALESCE(MAX(version), 0) FROM schema_version",
+            [],
+            |r| r.get(0),
+        )
+        .map_err(db_err)?;
+    if current > latest {
+        return Err(StoreError::Corrupt(format!(
+            "database schema {current} is newer than this build ({latest})"
+        )));
+    }
+    for &(version, sql) in MIGRATIONS.iter().filter(|m| m.0 > current) {
+        tx.execute_batch(sql)
+            .map_err(|e| StoreError::Backend(format!("migration {version} failed: {e}")))?;
+        tx.execute(
+            "INSERT INTO schema_version (version, applied_at) VALUES (?1, ?2)",
+            params![version, unix_now()],
+        )
+        .map_err(db_err)?;
+    }
+    tx.commit().map_err(db_err)
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .ok()
+        .and_then(|d| i64::try_from(d.as_secs()).ok())
+        .unwrap_or(0)
+}
+
+/// Map a rusqlite error: unique violations to `AlreadyExists`, foreign-key
+/// violations to `NotFound`, undecodable values to `Corrupt`.
+fn db_err(e: rusqlite::Error) -> StoreError {
+    use rusqlite::ffi;
+    match &e {
+        rusqlite::Error::SqliteFailure(f, msg)
+            if f.code == rusqlite::ErrorCode::ConstraintViolation =>
+        {
+            let detail = msg.clone().unwrap_or_else(|| e.to_string());
+            match f.extended_code {
+                ffi::SQLITE_CONSTRAINT_UNIQUE | ffi::SQLITE_CONSTRAINT_PRIMARYKEY => {
+                    StoreError::AlreadyExists(detail)
+                }
+                ffi::SQLITE_CONSTRAINT_FOREIGNKEY => {
+                    StoreError::NotFound(format!("a referenced row does not exist ({detail})"))
+                }
+                _ => StoreError::Backend(detail),
+            }
+        }
+        rusqlite::Error::FromSqlConversionFailure(..)
+        | rusqlite::Error::InvalidColumnType(..)
+        | rusqlite::Error::IntegralValueOutOfRange(..) => StoreError::Corrupt(e.to_string()),
+        _ => StoreError::Backend(e.to_string()),
+    }
+}
+
+fn to32(v: &[u8], what: &str) -> StoreResult<[u8; 32]> {
+    <[u8; 32]>::try_from(v)
+        .map_err(|_| StoreError::Corrupt(format!("{what} is {} bytes, expected 32", v.len())))
+}
+
+fn version_from(attribute: &str, v: i64) -> StoreResult<u32> {
+    u32::try_from(v).ok().filter(|v| *v >= 1).ok_or_else(|| {
+        StoreError::Corrupt(format!("attribute {attribute} has invalid version {v}"))
+    })
+}
+
+fn gid_hex(gid: &[u8; 32]) -> String {
+    hex::encode(gid)
+}
+
+// ---- row decoding: read raw columns, then validate into records ----
+
+const META_COLS: &str =
+    "authority_id, identity_public_key, identity_secret_sealed, admin_public_key, created_at";
+
+type RawMeta = (String, Vec<u8>, Vec<u8>, Vec<u8>, i64);
+
+fn meta_row(r: &Row<'_>) -> rusqlite::Result<RawMeta> {
+    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+}
+
+fn meta_from(raw: RawMeta) -> StoreResult<AuthorityMeta> {
+    let (authority_id, identity_pk, identity_secret_sealed, admin_pk, created_at) = raw;
+    Ok(AuthorityMeta {
+        authority_id,
+        identity_public_key: to32(&identity_pk, "identity public key")?,
+        identity_secret_sealed,
+        admin_public_key: to32(&admin_pk, "admin public key")?,
+        created_at,
+    })
+}
+
+const ATTR_COLS: &str = "attribute, version, public_key, secret_sealed, state, created_at";
+
+type RawAttr = (String, i64, Vec<u8>, Vec<u8>, String, i64);
+
+fn attr_row(r: &Row<'_>) -> rusqlite::Result<RawAttr> {
+    Ok((
+        r.get(0)?,
+        r.get(1)?,
+        r.get(2)?,
+        r.get(3)?,
+        r.get(4)?,
+        r.get(5)?,
+    ))
+}
+
+fn attr_from(raw: RawAttr) -> StoreResult<AttributeRecord> {
+    let (attribute, version, public_key, secret_sealed, state, created_at) = raw;
+    Ok(AttributeRecord {
+        version: version_from(&attribute, version)?,
+        state: VersionState::parse(&state)?,
+        attribute,
+        public_key,
+        secret_sealed,
+        created_at,
+    })
+}
+
+const PERSON_COLS: &str = "gid, registry, subject, request_key, roles, enrolled_at";
+
+type RawPerson = (Vec<u8>, String, String, Vec<u8>, String, i64);
+
+fn person_row(r: &Row<'_>) -> rusqlite::Result<RawPerson> {
+    Ok((
+        r.get(0)?,
+        r.get(1)?,
+        r.get(2)?,
+        r.get(3)?,
+        r.get(4)?,
+        r.get(5)?,
+    ))
+}
+
+fn person_from(raw: RawPerson) -> StoreResult<PersonRecord> {
+    let (gid, registry, subject, request_key, roles, enrolled_at) = raw;
+    Ok(PersonRecord {
+        gid: to32(&gid, "person GID")?,
+        registry,
+        subject,
+        request_key: to32(&request_key, "person request key")?,
+        roles,
+        enrolled_at,
+    })
+}
+
+const GRANT_COLS: &str = "gid, attribute, granted_by, granted_at, expires_at";
+
+type RawGrant = (Vec<u8>, String, String, i64, Option<i64>);
+
+fn grant_row(r: &Row<'_>) -> rusqlite::Result<RawGrant> {
+    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+}
+
+fn grant_from(raw: RawGrant) -> StoreResult<GrantRecord> {
+    let (gid, attribute, granted_by, granted_at, expires_at) = raw;
+    Ok(GrantRecord {
+        gid: to32(&gid, "grant GID")?,
+        attribute,
+        granted_by,
+        granted_at,
+        expires_at,
+    })
+}
+
+const REQUEST_COLS: &str =
+    "id, gid, attribute, reason, state, created_at, decided_by, decided_at, note";
+
+type RawRequest = (
+    i64,
+    Vec<u8>,
+    String,
+    String,
+    String,
+    i64,
+    Option<String>,
+    Option<i64>,
+    Option<String>,
+);
+
+fn request_row(r: &Row<'_>) -> rusqlite::Result<RawRequest> {
+    Ok((
+        r.get(0)?,
+        r.get(1)?,
+        r.get(2)?,
+        r.get(3)?,
+        r.get(4)?,
+        r.get(5)?,
+        r.get(6)?,
+        r.get(7)?,
+        r.get(8)?,
+    ))
+}
+
+fn request_from(raw: RawRequest) -> StoreResult<RequestRecord> {
+    let (id, gid, attribute, reason, state, created_at, decided_by, decided_at, note) = raw;
+    Ok(RequestRecord {
+        id,
+        gid: to32(&gid, "request GID")?,
+        attribute,
+        reason,
+        state: RequestState::parse(&state)?,
+        created_at,
+        decided_by,
+        decided_at,
+        note,
+    })
+}
+
+const AUDIT_COLS: &str = "seq, ts, kind, actor, subject, attribute, detail, prev_hash, hash";
+
+type RawAudit = (
+    i64,
+    i64,
+    String,
+    String,
+    Option<String>,
+    Option<String>,
+    String,
+    Vec<u8>,
+    Vec<u8>,
+);
+
+fn audit_row(r: &Row<'_>) -> rusqlite::Result<RawAudit> {
+    Ok((
+        r.get(0)?,
+        r.get(1)?,
+        r.get(2)?,
+        r.get(3)?,
+        r.get(4)?,
+        r.get(5)?,
+        r.get(6)?,
+        r.get(7)?,
+        r.get(8)?,
+    ))
+}
+
+fn audit_from(raw: RawAudit) -> StoreResult<AuditEntry> {
+    let (seq, ts, kind, actor, subject, attribute, detail, prev_hash, hash) = raw;
+    Ok(AuditEntry {
+        seq,
+        prev_hash: to32(&prev_hash, &format!("audit entry {seq} previous hash"))?,
+        hash: to32(&hash, &format!("audit entry {seq} hash"))?,
+        event: AuditEvent {
+            ts,
+            kind,
+            actor,
+            subject,
+            attribute,
+            detail,
+        },
+    })
+}
+
+/// Run a query and decode every row.
+fn query_all<R, T>(
+    conn: &Connection,
+    sql: &str,
+    params: impl rusqlite::Params,
+    row: fn(&Row<'_>) -> rusqlite::Result<R>,
+    decode: fn(R) -> StoreResult<T>,
+) -> StoreResult<Vec<T>> {
+    let mut stmt = conn.prepare_cached(sql).map_err(db_err)?;
+    let raws = stmt
+        .query_map(params, row)
+        .map_err(db_err)?
+        .collect::<rusqlite::Result<Vec<R>>>()
+        .map_err(db_err)?;
+    raws.into_iter().map(decode).collect()
+}
+
+/// Whether a query returns at least one row.
+fn exists(conn: &Connection, sql: &str, params: impl rusqlite::Params) -> StoreResult<bool> {
+    let mut stmt = conn.prepare_cached(sql).map_err(db_err)?;
+    stmt.exists(params).map_err(db_err)
+}
+
+/// Append `ev` to the audit chain inside the caller's (immediate) transaction.
+fn append(conn: &Connection, ev: &AuditEvent) -> StoreResult<AuditEntry> {
+    let last: Option<(i64, Vec<u8>)> = conn
+        .prepare_cached("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")
+        .map_err(db_err)?
+        .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()
+        .map_err(db_err)?;
+    let (seq, prev_hash) = match last {
+        None => (1, [0u8; 32]),
+        Some((seq, hash)) => (
+            seq.checked_add(1)
+                .ok_or_else(|| StoreError::Corrupt(format!("audit sequence {seq} cannot grow")))?,
+            to32(&hash, &format!("audit entry {seq} hash"))?,
+        ),
+    };
+    let hash = entry_hash(seq, &prev_hash, ev);
+    conn.prepare_cached(
+        "INSERT INTO audit (seq, ts, kind, actor, subject, attribute, detail, prev_hash, hash)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+    )
+    .map_err(db_err)?
+    .execute(params![
+        seq,
+        ev.ts,
+        ev.kind,
+        ev.actor,
+        ev.subject,
+        ev.attribute,
+        ev.detail,
+        &prev_hash[..],
+        &hash[..],
+    ])
+    .map_err(db_err)?;
+    Ok(AuditEntry {
+        seq,
+        event: ev.clone(),
+        prev_hash,
+        hash,
+    })
+}
+
+fn person_exists(conn: &Connection, gid: &[u8; 32]) -> StoreResult<()> {
+    if exists(
+        conn,
+        "SELECT 1 FROM people WHERE gid = ?1",
+        params![&gid[..]],
+    )? {
+        Ok(())
+    } else {
+        Err(StoreError::NotFound(format!(
+            "person {} is not enrolled",
+            gid_hex(gid)
+        )))
+    }
+}
+
+fn attribute_exists(conn: &Connection, attribute: &str) -> StoreResult<()> {
+    if exists(
+        conn,
+        "SELECT 1 FROM attributes WHERE attribute = ?1",
+        params![attribute],
+    )? {
+        Ok(())
+    } else {
+        Err(StoreError::NotFound(format!(
+            "attribute {attribute} does not exist"
+        )))
+    }
+}
+
+fn active_grant_exists(conn: &Connection, gid: &[u8; 32], attribute: &str) -> StoreResult<bool> {
+    exists(
+        conn,
+        "SELECT 1 FROM grants WHERE gid = ?1 AND attribute = ?2 AND revoked_at IS NULL",
+        params![&gid[..], attribute],
+    )
+}
+
+fn insert_grant(conn: &Connection, g: &GrantRecord) -> StoreResult<()> {
+    conn.prepare_cached(
+        "INSERT INTO grants (gid, attribute, granted_by, granted_at, expires_at)
+         VALUES (?1, ?2, ?3, ?4, ?5)",
+    )
+    .map_err(db_err)?
+    .execute(params![
+        &g.gid[..],
+        g.attribute,
+        g.granted_by,
+        g.granted_at,
+        g.expires_at
+    ])
+    .map_err(|e| match db_err(e) {
+        StoreError::AlreadyExists(_) => StoreError::AlreadyExists(format!(
+            "{} already holds an active grant of {}",
+            gid_hex(&g.gid),
+            g.attribute
+        )),
+        other => other,
+    })?;
+    Ok(())
+}
+
+fn load_request(conn: &Connection, id: i64) -> StoreResult<Option<RequestRecord>> {
+    let raw = conn
+        .prepare_cached(&format!(
+            "SELECT {REQUEST_COLS} FROM requests WHERE id = ?1"
+        ))
+        .map_err(db_err)?
+        .query_row(params![id], request_row)
+        .optional()
+        .map_err(db_err)?;
+    raw.map(request_from).transpose()
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    fn backend(&self) -> &'static str {
+        "sqlite"
+    }
+
+    async fn init_meta(&self, meta: &AuthorityMeta, ev: AuditEvent) -> StoreResult<()> {
+        let meta = meta.clone();
+        self.write(move |tx| {
+            if exists(tx, "SELECT 1 FROM meta", [])? {
+                return Err(StoreError::AlreadyExists(
+                    "the authority is already initialised".to_owned(),
+                ));
+            }
+            tx.execute(
+                &format!("INSERT INTO meta (id, {META_COLS}) VALUES (1, ?1, ?2, ?3, ?4, ?5)"),
+                params![
+                    meta.authority_id,
+                    &meta.identity_public_key[..],
+                    meta.identity_secret_sealed,
+                    &meta.admin_public_key[..],
+                    meta.created_at
+                ],
+            )
+            .map_err(db_err)?;
+            append(tx, &ev)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn meta(&self) -> StoreResult<Option<AuthorityMeta>> {
+        self.call(|conn| {
+            let raw = conn
+                .query_row(
+                    &format!("SELECT {META_COLS} FROM meta WHERE id = 1"),
+                    [],
+                    meta_row,
+                )
+                .optional()
+                .map_err(db_err)?;
+            raw.map(meta_from).transpose()
+        })
+        .await
+    }
+
+    async fn create_attribute(&self, rec: &AttributeRecord, ev: AuditEvent) -> StoreResult<()> {
+        let rec = rec.clone();
+        self.write(move |tx| {
+            if rec.version != 1 {
+                return Err(StoreError::Conflict(format!(
+                    "a new attribute starts at version 1, not {}",
+                    rec.version
+                )));
+            }
+            if exists(
+                tx,
+                "SELECT 1 FROM attributes WHERE attribute = ?1",
+                params![rec.attribute],
+            )? {
+                return Err(StoreError::AlreadyExists(format!(
+                    "attribute {} already exists",
+                    rec.attribute
+                )));
+            }
+            tx.prepare_cached(&format!(
+                "INSERT INTO attributes ({ATTR_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6)"
+            ))
+            .map_err(db_err)?
+            .execute(params![
+                rec.attribute,
+                i64::from(rec.version),
+                rec.public_key,
+                rec.secret_sealed,
+                VersionState::Current.as_str(),
+                rec.created_at
+            ])
+            .map_err(db_err)?;
+            append(tx, &ev)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn rotate_attribute(&self, rec: &AttributeRecord, ev: AuditEvent) -> StoreResult<()> {
+        let rec = rec.clone();
+        self.write(move |tx| {
+            let current: Option<i64> = tx
+                .prepare_cached("SELECT MAX(version) FROM attributes WHERE attribute = ?1")
+                .map_err(db_err)?
+                .query_row(params![rec.attribute], |r| r.get(0))
+                .map_err(db_err)?;
+            let Some(current) = current else {
+                return Err(StoreError::NotFound(format!(
+                    "attribute {} does not exist",
+                    rec.attribute
+                )));
+            };
+            if current.checked_add(1) != Some(i64::from(rec.version)) {
+                return Err(StoreError::Conflict(format!(
+                    "attribute {} is at version {current}; the next version is {}, not {}",
+                    rec.attribute,
+                    current.saturating_add(1),
+                    rec.version
+                )));
+            }
+            tx.prepare_cached(
+                "UPDATE attributes SET state = ?1 WHERE attribute = ?2 AND state = ?3",
+            )
+            .map_err(db_err)?
+            .execute(params![
+                VersionState::Superseded.as_str(),
+                rec.attribute,
+                VersionState::Current.as_str()
+            ])
+            .map_err(db_err)?;
+            tx.prepare_cached(&format!(
+                "INSERT INTO attributes ({ATTR_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6)"
+            ))
+            .map_err(db_err)?
+            .execute(params![
+                rec.attribute,
+                i64::from(rec.version),
+                rec.public_key,
+                rec.secret_sealed,
+                VersionState::Current.as_str(),
+                rec.created_at
+            ])
+            .map_err(db_err)?;
+            append(tx, &ev)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn attributes(&self) -> StoreResult<Vec<AttributeRecord>> {
+        self.call(|conn| {
+            query_all(
+                conn,
+                &format!("SELECT {ATTR_COLS} FROM attributes ORDER BY attribute, version"),
+                [],
+                attr_row,
+                attr_from,
+            )
+        })
+        .await
+    }
+
+    async fn attribute_versions(&self, attribute: &str) -> StoreResult<Vec<AttributeRecord>> {
+        let attribute = attribute.to_owned();
+        self.call(move |conn| {
+            query_all(
+                conn,
+                &format!(
+                    "SELECT {ATTR_COLS} FROM attributes WHERE attribute = ?1 ORDER BY version"
+                ),
+                params![attribute],
+                attr_row,
+                attr_from,
+            )
+        })
+        .await
+    }
+
+    async fn enroll(&self, person: &PersonRecord, ev: AuditEvent) -> StoreResult<()> {
+        let p = person.clone();
+        self.write(move |tx| {
+            if exists(
+                tx,
+                "SELECT 1 FROM people WHERE gid = ?1",
+                params![&p.gid[..]],
+            )? {
+                return Err(StoreError::AlreadyExists(format!(
+                    "person {} is already enrolled",
+                    gid_hex(&p.gid)
+                )));
+            }
+            if exists(
+                tx,
+                "SELECT 1 FROM people WHERE registry = ?1 AND subject = ?2",
+                params![p.registry, p.subject],
+            )? {
+                return Err(StoreError::AlreadyExists(format!(
+                    "subject {:?} of registry {:?} is already enrolled under another GID",
+                    p.subject, p.registry
+                )));
+            }
+            tx.prepare_cached(&format!(
+                "INSERT INTO people ({PERSON_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6)"
+            ))
+            .map_err(db_err)?
+            .execute(params![
+                &p.gid[..],
+                p.registry,
+                p.subject,
+                &p.request_key[..],
+                p.roles,
+                p.enrolled_at
+            ])
+            .map_err(db_err)?;
+            append(tx, &ev)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn person(&self, gid: &[u8; 32]) -> StoreResult<Option<PersonRecord>> {
+        let gid = *gid;
+        self.call(move |conn| {
+            let raw = conn
+                .prepare_cached(&format!("SELECT {PERSON_COLS} FROM people WHERE gid = ?1"))
+                .map_err(db_err)?
+                .query_row(params![&gid[..]], person_row)
+                .optional()
+                .map_err(db_err)?;
+            raw.map(person_from).transpose()
+        })
+        .await
+    }
+
+    async fn people(&self) -> StoreResult<Vec<PersonRecord>> {
+        self.call(|conn| {
+            query_all(
+                conn,
+                &format!("SELECT {PERSON_COLS} FROM people ORDER BY enrolled_at, gid"),
+                [],
+                person_row,
+                person_from,
+            )
+        })
+        .await
+    }
+
+    async fn grant(&self, grant: &GrantRecord, ev: AuditEvent) -> StoreResult<()> {
+        let g = grant.clone();
+        self.write(move |tx| {
+            person_exists(tx, &g.gid)?;
+            attribute_exists(tx, &g.attribute)?;
+            if active_grant_exists(tx, &g.gid, &g.attribute)? {
+                return Err(StoreError::AlreadyExists(format!(
+                    "{} already holds an active grant of {}",
+                    gid_hex(&g.gid),
+                    g.attribute
+                )));
+            }
+            insert_grant(tx, &g)?;
+            append(tx, &ev)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn revoke_grant(
+        &self,
+        gid: &[u8; 32],
+        attribute: &str,
+        ev: AuditEvent,
+    ) -> StoreResult<()> {
+        let gid = *gid;
+        let attribute = attribute.to_owned();
+        self.write(move |tx| {
+            let changed = tx
+                .prepare_cached(
+                    "UPDATE grants SET revoked_at = ?1
+                     WHERE gid = ?2 AND attribute = ?3 AND revoked_at IS NULL",
+                )
+                .map_err(db_err)?
+                .execute(params![ev.ts, &gid[..], attribute])
+                .map_err(db_err)?;
+            if changed == 0 {
+                return Err(StoreError::NotFound(format!(
+                    "{} holds no active grant of {attribute}",
+                    gid_hex(&gid)
+                )));
+            }
+            append(tx, &ev)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn grants_for(&self, gid: &[u8; 32]) -> StoreResult<Vec<GrantRecord>> {
+        let gid = *gid;
+        self.call(move |conn| {
+            query_all(
+                conn,
+                &format!(
+                    "SELECT {GRANT_COLS} FROM grants WHERE gid = ?1 AND revoked_at IS NULL
+                     ORDER BY attribute"
+                ),
+                params![&gid[..]],
+                grant_row,
+                grant_from,
+            )
+        })
+        .await
+    }
+
+    async fn holders(&self, attribute: &str) -> StoreResult<Vec<GrantRecord>> {
+        let attribute = attribute.to_owned();
+        self.call(move |conn| {
+            query_all(
+                conn,
+                &format!(
+                    "SELECT {GRANT_COLS} FROM grants WHERE attribute = ?1 AND revoked_at IS NULL
+                     ORDER BY granted_at, id"
+                ),
+                params![attribute],
+                grant_row,
+                grant_from,
+            )
+        })
+        .await
+    }
+
+    async fn create_request(
+        &self,
+        gid: &[u8; 32],
+        attribute: &str,
+        reason: &str,
+        created_at: i64,
+        ev: AuditEvent,
+    ) -> StoreResult<RequestRecord> {
+        let gid = *gid;
+        let attribute = attribute.to_owned();
+        let reason = reason.to_owned();
+        self.write(move |tx| {
+            person_exists(tx, &gid)?;
+            attribute_exists(tx, &attribute)?;
+            tx.prepare_cached(
+                "INSERT INTO requests (gid, attribute, reason, state, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+            )
+            .map_err(db_err)?
+            .execute(params![
+                &gid[..],
+                attribute,
+                reason,
+                RequestState::Pending.as_str(),
+                created_at
+            ])
+            .map_err(db_err)?;
+            let id = tx.last_insert_rowid();
+            append(tx, &ev)?;
+            Ok(RequestRecord {
+                id,
+                gid,
+                attribute,
+                reason,
+                state: RequestState::Pending,
+                created_at,
+                decided_by: None,
+                decided_at: None,
+                note: None,
+            })
+        })
+        .await
+    }
+
+    async fn requests(&self, state: Option<RequestState>) -> StoreResult<Vec<RequestRecord>> {
+        self.call(move |conn| {
+            query_all(
+                conn,
+                &format!(
+                    "SELECT {REQUEST_COLS} FROM requests WHERE ?1 IS NULL OR state = ?1 ORDER BY id"
+                ),
+                params![state.map(RequestState::as_str)],
+                request_row,
+                request_from,
+            )
+        })
+        .await
+    }
+
+    async fn decide_request(
+        &self,
+        id: i64,
+        approve: bool,
+        decided_by: &str,
+        note: &str,
+        decided_at: i64,
+        ev: AuditEvent,
+    ) -> StoreResult<RequestRecord> {
+        let decided_by = decided_by.to_owned();
+        let note = note.to_owned();
+        self.write(move |tx| {
+            let Some(mut req) = load_request(tx, id)? else {
+                return Err(StoreError::NotFound(format!("request {id} does not exist")));
+            };
+            if req.state != RequestState::Pending {
+                return Err(StoreError::Conflict(format!(
+                    "request {id} was already {}",
+                    req.state.as_str()
+                )));
+            }
+            let state = if approve {
+                RequestState::Approved
+            } else {
+                RequestState::Denied
+            };
+            tx.prepare_cached(
+                "UPDATE requests SET state = ?1, decided_by = ?2, decided_at = ?3, note = ?4
+                 WHERE id = ?5",
+            )
+            .map_err(db_err)?
+            .execute(params![state.as_str(), decided_by, decided_at, note, id])
+            .map_err(db_err)?;
+            if approve && !active_grant_exists(tx, &req.gid, &req.attribute)? {
+                insert_grant(
+                    tx,
+                    &GrantRecord {
+                        gid: req.gid,
+                        attribute: req.attribute.clone(),
+                        granted_by: format!("request:{id}"),
+                        granted_at: decided_at,
+                        expires_at: None,
+                    },
+                )?;
+            }
+            append(tx, &ev)?;
+            req.state = state;
+            req.decided_by = Some(decided_by);
+            req.decided_at = Some(decided_at);
+            req.note = Some(note);
+            Ok(req)
+        })
+        .await
+    }
+
+    async fn use_nonce(
+        &self,
+        gid: &[u8; 32],
+        nonce: &[u8],
+        seen_at: i64,
+        prune_before: i64,
+    ) -> StoreResult<bool> {
+        let gid = *gid;
+        let nonce = nonce.to_vec();
+        self.write(move |tx| {
+            tx.prepare_cached("DELETE FROM nonces WHERE seen_at < ?1")
+                .map_err(db_err)?
+                .execute(params![prune_before])
+                .map_err(db_err)?;
+            let inserted = tx
+                .prepare_cached(
+                    "INSERT INTO nonces (gid, nonce, seen_at) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (gid, nonce) DO NOTHING",
+                )
+                .map_err(db_err)?
+                .execute(params![&gid[..], nonce, seen_at])
+                .map_err(db_err)?;
+            Ok(inserted == 1)
+        })
+        .await
+    }
+
+    async fn append_audit(&self, ev: AuditEvent) -> StoreResult<AuditEntry> {
+        self.write(move |tx| append(tx, &ev)).await
+    }
+
+    async fn audit_entries(&self, from: i64, limit: i64) -> StoreResult<Vec<AuditEntry>> {
+        if limit <= 0 {
+            return Ok(Vec::new());
+        }
+        self.call(move |conn| {
+            query_all(
+                conn,
+                &format!("SELECT {AUDIT_COLS} FROM audit WHERE seq >= ?1 ORDER BY seq LIMIT ?2"),
+                params![from, limit],
+                audit_row,
+                audit_from,
+            )
+        })
+        .await
+    }
+
+    async fn add_checkpoint(&self, cp: &Checkpoint) -> StoreResult<()> {
+        let cp = cp.clone();
+        self.write(move |tx| {
+            tx.prepare_cached(
+                "INSERT INTO checkpoints (seq, hash, ts, signature) VALUES (?1, ?2, ?3, ?4)",
+            )
+            .map_err(db_err)?
+            .execute(params![cp.seq, &cp.hash[..], cp.ts, cp.signature])
+            .map_err(|e| match db_err(e) {
+                StoreError::AlreadyExists(_) => StoreError::AlreadyExists(format!(
+                    "a checkpoint at entry {} already exists",
+                    cp.seq
+                )),
+                other => other,
+            })?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn checkpoints(&self) -> StoreResult<Vec<Checkpoint>> {
+        self.call(|conn| {
+            query_all(
+                conn,
+                "SELECT seq, hash, ts, signature FROM checkpoints ORDER BY seq",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+                |(seq, hash, ts, signature): (i64, Vec<u8>, i64, Vec<u8>)| {
+                    Ok(Checkpoint {
+                        seq,
+                        hash: to32(&hash, &format!("checkpoint {seq} hash"))?,
+                        ts,
+                        signature,
+                    })
+                },
+            )
+        })
+        .await
+    }
+}

@@ -1,0 +1,467 @@
+//! End to end over real gRPC with TLS on loopback, against both backends:
+//! create attribute, enroll, request, approve, fetch keys; the keys pass the
+//! pairing check and decrypt a record encrypted from the signed directory.
+//! Then every refusal the issue lists, each audited, and `audit verify`.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::{sync::Arc, time::Duration};
+
+use ark_std::rand::{RngCore, rngs::OsRng};
+use ed25519_dalek::{Signer, SigningKey, VerifyingKey};
+use mabe_abe::{
+    AttributePublicKey, EncryptOptions, Gid, PublicKeyRing, UserKey, UserKeyRing, decrypt, encrypt,
+};
+use mabe_authority::{
+    admin_client::signed,
+    node::{Node, NodeConfig, now},
+    seal::Kek,
+    server::{Listeners, ServeOptions, TlsPem, serve},
+    store::{Store, postgres::PgStore, sqlite::SqliteStore},
+};
+use mabe_proto::{
+    signing::{Directory, attribute_request_message, key_request_message},
+    v1::{
+        AttributeRequest, CreateAttributeRequest, DecideRequestRequest, EnrollRequest,
+        GetDirectoryRequest, KeyRequest, ListRequestsRequest, RevokeRequest, VerifyAuditRequest,
+        authority_admin_client::AuthorityAdminClient, authority_client::AuthorityClient,
+    },
+};
+use tonic::{
+    Code,
+    transport::{Certificate, Channel, ClientTlsConfig, Endpoint},
+};
+
+const ADMIN: &str = "/mabe.v1.AuthorityAdmin/";
+
+struct Running {
+    node: Arc<Node>,
+    admin_key: SigningKey,
+    public: AuthorityClient<Channel>,
+    admin: AuthorityAdminClient<Channel>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+async fn channel(port: u16, cert: &[u8]) -> Channel {
+    Endpoint::from_shared(format!("https://localhost:{port}"))
+        .unwrap()
+        .tls_config(
+            ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(cert))
+                .domain_name("localhost"),
+        )
+        .unwrap()
+        .timeout(Duration::from_secs(20))
+        .connect()
+        .await
+        .expect("TLS connection to the authority")
+}
+
+async fn start(store: Arc<dyn Store>) -> Running {
+    let kek = Kek::generate(&mut OsRng);
+    let (node, admin_key) = Node::init(store, "hospital-a", kek, NodeConfig::default())
+        .await
+        .unwrap();
+    let node = Arc::new(node);
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let tls = TlsPem {
+        cert: ck.cert.pem().into_bytes(),
+        key: ck.signing_key.serialize_pem().into_bytes(),
+    };
+    let listeners = Listeners::bind(
+        "127.0.0.1:0".parse().unwrap(),
+        "127.0.0.1:0".parse().unwrap(),
+    )
+    .await
+    .unwrap();
+    let (p, a) = listeners.addrs().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let n2 = Arc::clone(&node);
+    let task = tokio::spawn(async move {
+        serve(
+            n2,
+            listeners,
+            ServeOptions {
+                tls: Some(tls),
+                request_timeout: Duration::from_secs(20),
+            },
+            async {
+                let _ = rx.await;
+            },
+        )
+        .await
+        .unwrap();
+    });
+    let cert = ck.cert.pem().into_bytes();
+    Running {
+        public: AuthorityClient::new(channel(p.port(), &cert).await),
+        admin: AuthorityAdminClient::new(channel(a.port(), &cert).await),
+        node,
+        admin_key,
+        stop: Some(tx),
+        task,
+    }
+}
+
+struct Person {
+    gid: Gid,
+    key: SigningKey,
+}
+
+fn person(subject: &str) -> Person {
+    let mut seed = [0u8; 32];
+    OsRng.fill_bytes(&mut seed);
+    Person {
+        gid: Gid::derive("big-register", subject).unwrap(),
+        key: SigningKey::from_bytes(&seed),
+    }
+}
+
+fn nonce() -> Vec<u8> {
+    let mut n = vec![0u8; 16];
+    OsRng.fill_bytes(&mut n);
+    n
+}
+
+fn key_request(p: &Person, attrs: &[&str], ts: i64, signer: &SigningKey) -> KeyRequest {
+    let attributes: Vec<String> = attrs.iter().map(|s| s.to_string()).collect();
+    let n = nonce();
+    let msg = key_request_message("hospital-a", p.gid.as_bytes(), &attributes, &n, ts);
+    KeyRequest {
+        authority_id: "hospital-a".into(),
+        gid: p.gid.as_bytes().to_vec(),
+        attributes,
+        nonce: n,
+        timestamp: ts,
+        signature: signer.sign(&msg).to_bytes().to_vec(),
+    }
+}
+
+async fn refusals(node: &Node) -> usize {
+    node.store()
+        .audit_entries(1, 10_000)
+        .await
+        .unwrap()
+        .iter()
+        .filter(|e| e.event.kind == "refusal")
+        .count()
+}
+
+async fn lifecycle(store: Arc<dyn Store>) {
+    let mut r = start(store).await;
+    let admin = |m: &str| format!("{ADMIN}{m}");
+
+    // Admin: create an attribute, enroll two people.
+    let a = r
+        .admin
+        .create_attribute(signed(
+            CreateAttributeRequest {
+                name: "cardiology".into(),
+            },
+            "hospital-a",
+            &admin("CreateAttribute"),
+            &r.admin_key,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (a.attribute.as_str(), a.version),
+        ("cardiology@hospital-a", 1)
+    );
+    let doc = person("19012345601");
+    let other = person("19012345602");
+    for p in [&doc, &other] {
+        r.admin
+            .enroll(signed(
+                EnrollRequest {
+                    registry: "big-register".into(),
+                    subject: if p.gid == doc.gid {
+                        "19012345601"
+                    } else {
+                        "19012345602"
+                    }
+                    .into(),
+                    request_key: p.key.verifying_key().to_bytes().to_vec(),
+                    roles: vec![],
+                },
+                "hospital-a",
+                &admin("Enroll"),
+                &r.admin_key,
+            ))
+            .await
+            .unwrap();
+    }
+
+    // The doctor requests the attribute with a reason; the admin approves.
+    let n = nonce();
+    let ts = now();
+    let reason = "joined the cardiology ward";
+    let msg = attribute_request_message(
+        "hospital-a",
+        doc.gid.as_bytes(),
+        "cardiology@hospital-a",
+        reason,
+        &n,
+        ts,
+    );
+    let receipt = r
+        .public
+        .request_attribute(AttributeRequest {
+            authority_id: "hospital-a".into(),
+            gid: doc.gid.as_bytes().to_vec(),
+            attribute: "cardiology@hospital-a".into(),
+            reason: reason.into(),
+            nonce: n,
+            timestamp: ts,
+            signature: doc.key.sign(&msg).to_bytes().to_vec(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(receipt.state, "pending");
+    let pending = r
+        .admin
+        .list_requests(signed(
+            ListRequestsRequest {
+                state: "pending".into(),
+            },
+            "hospital-a",
+            &admin("ListRequests"),
+            &r.admin_key,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .requests;
+    assert_eq!(pending.len(), 1);
+    assert_eq!(pending[0].reason, reason);
+    r.admin
+        .decide_request(signed(
+            DecideRequestRequest {
+                id: receipt.request_id,
+                approve: true,
+                note: "ok".into(),
+            },
+            "hospital-a",
+            &admin("DecideRequest"),
+            &r.admin_key,
+        ))
+        .await
+        .unwrap();
+
+    // Fetch keys; verify the directory signature against the pinned identity key.
+    let keys = r
+        .public
+        .fetch_keys(key_request(&doc, &[], now(), &doc.key))
+        .await
+        .unwrap()
+        .into_inner()
+        .keys;
+    assert_eq!(keys.len(), 1);
+    let dir = r
+        .public
+        .get_directory(GetDirectoryRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let pinned: VerifyingKey = r.node.identity_public_key();
+    pinned
+        .verify_strict(
+            &dir.body,
+            &ed25519_dalek::Signature::from_slice(&dir.signature).unwrap(),
+        )
+        .expect("directory signed by the pinned identity key");
+    let directory = Directory::decode(&dir.body).unwrap();
+    assert!(directory.valid_until > now());
+    let mut pks = PublicKeyRing::new();
+    for e in &directory.entries {
+        pks.insert(AttributePublicKey::from_bytes(&e.public_key).unwrap())
+            .unwrap();
+    }
+    let mut ring = UserKeyRing::new(doc.gid).unwrap();
+    let k = UserKey::from_bytes(&keys[0].user_key).unwrap();
+    let pk = pks.get(k.attribute(), k.version()).unwrap().clone();
+    ring.insert(k, &pk)
+        .expect("issued key passes the pairing check");
+    let policy = mabe_policy::parse("cardiology@hospital-a").unwrap();
+    let mut ct = Vec::new();
+    let header = encrypt(
+        &policy,
+        &pks,
+        &EncryptOptions::default(),
+        &mut OsRng,
+        &b"ECG"[..],
+        &mut ct,
+    )
+    .unwrap();
+    let mut out = Vec::new();
+    decrypt(&header, &ring, &pks, &ct[..], &mut out).unwrap();
+    assert_eq!(out, b"ECG");
+
+    // Refusals, each audited.
+    let before = refusals(&r.node).await;
+    let forger = person("nobody");
+    let cases: Vec<(&str, KeyRequest, Code)> = vec![
+        (
+            "forged signature",
+            key_request(&doc, &[], now(), &forger.key),
+            Code::Unauthenticated,
+        ),
+        (
+            "unknown GID",
+            key_request(&forger, &[], now(), &forger.key),
+            Code::Unauthenticated,
+        ),
+        (
+            "stale timestamp",
+            key_request(&doc, &[], now() - 3600, &doc.key),
+            Code::Unauthenticated,
+        ),
+        (
+            "another person's GID",
+            key_request(&other, &[], now(), &doc.key),
+            Code::Unauthenticated,
+        ),
+        (
+            "not granted",
+            key_request(&other, &["cardiology"], now(), &other.key),
+            Code::PermissionDenied,
+        ),
+    ];
+    let n_cases = cases.len();
+    for (what, req, code) in cases {
+        let err = r.public.fetch_keys(req).await.expect_err(what);
+        assert_eq!(err.code(), code, "{what}: {}", err.message());
+    }
+    let replay = key_request(&doc, &[], now(), &doc.key);
+    r.public.fetch_keys(replay.clone()).await.unwrap();
+    let err = r.public.fetch_keys(replay).await.expect_err("replay");
+    assert_eq!(err.code(), Code::Unauthenticated);
+    assert!(err.message().contains("replay"), "{}", err.message());
+    assert_eq!(refusals(&r.node).await, before + n_cases + 1);
+
+    // Admin API without the admin key.
+    let unsigned = r
+        .admin
+        .list_requests(ListRequestsRequest::default())
+        .await
+        .expect_err("unsigned");
+    assert_eq!(unsigned.code(), Code::Unauthenticated);
+    let wrong = r
+        .admin
+        .list_requests(signed(
+            ListRequestsRequest::default(),
+            "hospital-a",
+            &admin("ListRequests"),
+            &doc.key,
+        ))
+        .await
+        .expect_err("wrong admin key");
+    assert_eq!(wrong.code(), Code::Unauthenticated);
+    // A signature for one method does not authorise another.
+    let mut moved = signed(
+        ListRequestsRequest::default(),
+        "hospital-a",
+        &admin("VerifyAudit"),
+        &r.admin_key,
+    );
+    *moved.get_mut() = ListRequestsRequest {
+        state: "pending".into(),
+    };
+    assert_eq!(
+        r.admin
+            .list_requests(moved)
+            .await
+            .expect_err("moved")
+            .code(),
+        Code::Unauthenticated
+    );
+
+    // Revocation bumps the version; the next fetch issues it.
+    let rev = r
+        .admin
+        .revoke(signed(
+            RevokeRequest {
+                gid: other.gid.as_bytes().to_vec(),
+                attribute: "cardiology".into(),
+            },
+            "hospital-a",
+            &admin("Revoke"),
+            &r.admin_key,
+        ))
+        .await
+        .expect_err("the other person holds no grant");
+    assert_eq!(rev.code(), Code::NotFound);
+    let rev = r
+        .admin
+        .revoke(signed(
+            RevokeRequest {
+                gid: doc.gid.as_bytes().to_vec(),
+                attribute: "cardiology".into(),
+            },
+            "hospital-a",
+            &admin("Revoke"),
+            &r.admin_key,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(rev.new_version, 2);
+    let err = r
+        .public
+        .fetch_keys(key_request(&doc, &["cardiology"], now(), &doc.key))
+        .await
+        .expect_err("revoked");
+    assert_eq!(err.code(), Code::PermissionDenied);
+
+    // The audit log verifies, with a signed checkpoint.
+    r.node.checkpoint().await.unwrap();
+    let report = r
+        .admin
+        .verify_audit(signed(
+            VerifyAuditRequest {},
+            "hospital-a",
+            &admin("VerifyAudit"),
+            &r.admin_key,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    assert!(report.entries > 10 && report.checkpoints == 1);
+
+    let _ = r.stop.take().map(|s| s.send(()));
+    tokio::time::timeout(Duration::from_secs(20), &mut r.task)
+        .await
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lifecycle_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(&dir.path().join("a.db")).unwrap();
+    lifecycle(Arc::new(store)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lifecycle_postgres() {
+    let url = std::env::var("MABE_TEST_DATABASE_URL")
+        .expect("set MABE_TEST_DATABASE_URL, or run through scripts/with-postgres");
+    let db = format!("mabe_lifecycle_{}", OsRng.next_u64());
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    client
+        .batch_execute(&format!("CREATE DATABASE {db}"))
+        .await
+        .unwrap();
+    let db_url = match url.rsplit_once('/') {
+        Some((base, _)) => format!("{base}/{db}"),
+        None => panic!("database URL without a database name"),
+    };
+    let store = PgStore::connect(&db_url).await.unwrap();
+    lifecycle(Arc::new(store)).await;
+}

@@ -1,0 +1,1137 @@
+//! The shared store test suite: every test below runs against SQLite (a
+//! temporary file) and PostgreSQL (a fresh database per test on the server
+//! named by `MABE_TEST_DATABASE_URL`; run through `scripts/with-postgres`).
+//!
+//! Without `MABE_TEST_DATABASE_URL` the PostgreSQL tests fail: none is
+//! skipped silently.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use ed25519_dalek::{Signer, SigningKey};
+use mabe_authority::audit::{AuditProblem, Verifier, checkpoint_message, entry_hash};
+use mabe_authority::store::postgres::PgStore;
+use mabe_authority::store::sqlite::SqliteStore;
+use mabe_authority::store::{
+    AttributeRecord, AuditEntry, AuditEvent, AuthorityMeta, Checkpoint, GrantRecord, PersonRecord,
+    RequestState, Store, StoreError, StoreResult, VersionState,
+};
+
+// ---------------------------------------------------------------------------
+// Harness: one backend, one fresh database, raw SQL access for tampering.
+// ---------------------------------------------------------------------------
+
+enum Kind {
+    Sqlite {
+        _dir: tempfile::TempDir,
+        path: PathBuf,
+    },
+    Postgres {
+        /// The maintenance database (from MABE_TEST_DATABASE_URL).
+        admin_url: String,
+        /// This test's own database.
+        url: String,
+        name: String,
+    },
+}
+
+struct Harness {
+    kind: Kind,
+    store: Mutex<Option<Arc<dyn Store>>>,
+}
+
+const PG_MISSING: &str = "MABE_TEST_DATABASE_URL is not set: set MABE_TEST_DATABASE_URL, or run through scripts/with-postgres";
+
+static NEXT_DB: AtomicU64 = AtomicU64::new(0);
+
+/// `url` with its database name replaced by `name` (URL or key=value form).
+fn with_dbname(url: &str, name: &str) -> String {
+    if let Some(scheme_end) = url.find("://") {
+        let (base, query) = match url.find('?') {
+            Some(q) => (&url[..q], &url[q..]),
+            None => (url, ""),
+        };
+        let authority_start = scheme_end + 3;
+        let host_part = match base[authority_start..].find('/') {
+            Some(slash) => &base[..authority_start + slash],
+            None => base,
+        };
+        format!("{host_part}/{name}{query}")
+    } else {
+        format!("{url} dbname={name}")
+    }
+}
+
+async fn pg_client(url: &str) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("cannot connect to {url}: {e}"));
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    client
+}
+
+impl Harness {
+    async fn sqlite() -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("authority.sqlite");
+        let store = SqliteStore::open(&path).unwrap();
+        Harness {
+            kind: Kind::Sqlite { _dir: dir, path },
+            store: Mutex::new(Some(Arc::new(store))),
+        }
+    }
+
+    async fn postgres() -> Harness {
+        let admin_url =
+            std::env::var("MABE_TEST_DATABASE_URL").unwrap_or_else(|_| panic!("{PG_MISSING}"));
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos();
+        let name = format!(
+            "mabe_test_{}_{}_{nanos}",
+            std::process::id(),
+            NEXT_DB.fetch_add(1, Ordering::Relaxed)
+        );
+        pg_client(&admin_url)
+            .await
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .unwrap_or_else(|e| panic!("cannot create test database {name}: {e:?}"));
+        let url = with_dbname(&admin_url, &name);
+        let store = PgStore::connect(&url).await.unwrap();
+        Harness {
+            kind: Kind::Postgres {
+                admin_url,
+                url,
+                name,
+            },
+            store: Mutex::new(Some(Arc::new(store))),
+        }
+    }
+
+    fn backend(&self) -> &'static str {
+        match self.kind {
+            Kind::Sqlite { .. } => "sqlite",
+            Kind::Postgres { .. } => "postgres",
+        }
+    }
+
+    /// The current store.
+    fn store(&self) -> Arc<dyn Store> {
+        self.store.lock().unwrap().clone().expect("store is closed")
+    }
+
+    /// Drop the harness's handle on the store (the caller must drop its own).
+    fn close(&self) {
+        self.store.lock().unwrap().take();
+    }
+
+    /// Open the same database again, as a restarted node would.
+    async fn open_again(&self) -> StoreResult<Arc<dyn Store>> {
+        Ok(match &self.kind {
+            Kind::Sqlite { path, .. } => Arc::new(SqliteStore::open(path)?),
+            Kind::Postgres { url, .. } => Arc::new(PgStore::connect(url).await?),
+        })
+    }
+
+    /// Close and reopen: the new store replaces the old one.
+    async fn reopen(&self) -> Arc<dyn Store> {
+        self.close();
+        let store = self.open_again().await.unwrap();
+        *self.store.lock().unwrap() = Some(store.clone());
+        store
+    }
+
+    /// Run raw SQL behind the store's back (the tamperer's view).
+    async fn exec(&self, sqlite_sql: &str, postgres_sql: &str) {
+        match &self.kind {
+            Kind::Sqlite { path, .. } => {
+                let conn = rusqlite::Connection::open(path).unwrap();
+                conn.busy_timeout(std::time::Duration::from_secs(5))
+                    .unwrap();
+                conn.execute_batch(sqlite_sql).unwrap();
+            }
+            Kind::Postgres { url, .. } => {
+                pg_client(url)
+                    .await
+                    .batch_execute(postgres_sql)
+                    .await
+                    .unwrap_or_else(|e| panic!("{postgres_sql}: {e:?}"));
+            }
+        }
+    }
+
+    /// One integer from a raw query (same SQL in both dialects).
+    async fn query_i64(&self, sql: &str) -> i64 {
+        match &self.kind {
+            Kind::Sqlite { path, .. } => {
+                let conn = rusqlite::Connection::open(path).unwrap();
+                conn.query_row(sql, [], |r| r.get(0)).unwrap()
+            }
+            Kind::Postgres { url, .. } => pg_client(url)
+                .await
+                .query_one(sql, &[])
+                .await
+                .unwrap_or_else(|e| panic!("{sql}: {e:?}"))
+                .get(0),
+        }
+    }
+
+    /// Same SQL in both dialects.
+    async fn exec_both(&self, sql: &str) {
+        self.exec(sql, sql).await;
+    }
+
+    async fn cleanup(&self) {
+        self.close();
+        if let Kind::Postgres {
+            admin_url, name, ..
+        } = &self.kind
+        {
+            pg_client(admin_url)
+                .await
+                .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                .await
+                .unwrap_or_else(|e| panic!("cannot drop test database {name}: {e:?}"));
+        }
+    }
+}
+
+/// Run one test body on a harness, then clean up (also after a failure).
+async fn run<F, Fut>(h: Harness, body: F)
+where
+    F: FnOnce(Arc<Harness>) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let h = Arc::new(h);
+    let outcome = tokio::spawn(body(h.clone())).await;
+    h.cleanup().await;
+    if let Err(e) = outcome {
+        match e.try_into_panic() {
+            Ok(panic) => std::panic::resume_unwind(panic),
+            Err(e) => panic!("test task failed: {e}"),
+        }
+    }
+}
+
+/// Declare every test once; each runs on both backends.
+macro_rules! suite {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    super::run(super::Harness::sqlite().await, super::$name).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    super::run(super::Harness::postgres().await, super::$name).await;
+                }
+            )*
+        }
+    };
+}
+
+suite!(
+    meta_is_initialised_once,
+    attributes_create_rotate_and_list,
+    enroll_and_duplicates,
+    grant_revoke_and_regrant,
+    requests_lifecycle,
+    nonce_replay_is_detected,
+    audit_chain_links_and_verifies,
+    failed_operations_append_nothing,
+    concurrent_appends_are_serialized,
+    two_stores_over_one_database_share_one_chain,
+    reopen_keeps_data_and_schema,
+    newer_schema_is_refused,
+    checkpoints_round_trip_and_verify,
+    tamper_edit_is_reported,
+    tamper_delete_is_reported,
+    tamper_swap_is_reported,
+    undecodable_rows_are_corrupt,
+);
+
+// ---------------------------------------------------------------------------
+// Fixtures
+// ---------------------------------------------------------------------------
+
+fn ev(kind: &str) -> AuditEvent {
+    AuditEvent {
+        ts: 1_700_000_000,
+        kind: kind.to_owned(),
+        actor: "admin".to_owned(),
+        subject: None,
+        attribute: None,
+        detail: format!("{kind} for the test suite"),
+    }
+}
+
+fn ev_about(kind: &str, gid: &[u8; 32], attribute: &str) -> AuditEvent {
+    AuditEvent {
+        subject: Some(hex::encode(gid)),
+        attribute: Some(attribute.to_owned()),
+        ..ev(kind)
+    }
+}
+
+fn meta() -> AuthorityMeta {
+    AuthorityMeta {
+        authority_id: "hospital-a".to_owned(),
+        identity_public_key: [1; 32],
+        identity_secret_sealed: vec![2; 72],
+        admin_public_key: [3; 32],
+        created_at: 1_700_000_000,
+    }
+}
+
+fn attr(name: &str, version: u32) -> AttributeRecord {
+    AttributeRecord {
+        attribute: name.to_owned(),
+        version,
+        public_key: vec![0x50, version as u8, 7, 7],
+        secret_sealed: vec![0x53, version as u8, 9, 9, 9],
+        state: VersionState::Current,
+        created_at: 1_700_000_000 + i64::from(version),
+    }
+}
+
+fn person(n: u8) -> PersonRecord {
+    PersonRecord {
+        gid: [n; 32],
+        registry: "big-register".to_owned(),
+        subject: format!("subject-{n}"),
+        request_key: [n.wrapping_add(100); 32],
+        roles: if n % 2 == 0 {
+            "emergency-staff".to_owned()
+        } else {
+            String::new()
+        },
+        enrolled_at: 1_700_000_000 + i64::from(n),
+    }
+}
+
+fn grant_of(gid: [u8; 32], attribute: &str, expires_at: Option<i64>) -> GrantRecord {
+    GrantRecord {
+        gid,
+        attribute: attribute.to_owned(),
+        granted_by: "admin".to_owned(),
+        granted_at: 1_700_000_100,
+        expires_at,
+    }
+}
+
+const DOCTOR: &str = "doctor@hospital-a";
+const NURSE: &str = "nurse@hospital-a";
+
+async fn all_entries(store: &dyn Store) -> Vec<AuditEntry> {
+    store.audit_entries(1, 1_000_000).await.unwrap()
+}
+
+fn verify(entries: &[AuditEntry]) -> Vec<AuditProblem> {
+    let mut v = Verifier::default();
+    for e in entries {
+        v.entry(e);
+    }
+    v.finish().problems
+}
+
+/// Entries are 1..=n, linked, correctly hashed, and the verifier agrees.
+fn assert_chain(entries: &[AuditEntry], n: usize) {
+    assert_eq!(entries.len(), n, "audit entry count");
+    let mut prev = [0u8; 32];
+    for (i, e) in entries.iter().enumerate() {
+        assert_eq!(e.seq, i as i64 + 1, "seq of entry {i}");
+        assert_eq!(e.prev_hash, prev, "prev_hash of entry {}", e.seq);
+        assert_eq!(
+            e.hash,
+            entry_hash(e.seq, &e.prev_hash, &e.event),
+            "hash of entry {}",
+            e.seq
+        );
+        prev = e.hash;
+    }
+    assert_eq!(verify(entries), vec![], "verifier problems");
+}
+
+fn assert_already_exists<T: std::fmt::Debug>(r: StoreResult<T>, what: &str) {
+    match r {
+        Err(StoreError::AlreadyExists(msg)) => assert!(!msg.is_empty()),
+        other => panic!("{what}: expected AlreadyExists, got {other:?}"),
+    }
+}
+
+fn assert_not_found<T: std::fmt::Debug>(r: StoreResult<T>, what: &str) {
+    match r {
+        Err(StoreError::NotFound(msg)) => assert!(!msg.is_empty()),
+        other => panic!("{what}: expected NotFound, got {other:?}"),
+    }
+}
+
+fn assert_conflict<T: std::fmt::Debug>(r: StoreResult<T>, what: &str) {
+    match r {
+        Err(StoreError::Conflict(msg)) => assert!(!msg.is_empty()),
+        other => panic!("{what}: expected Conflict, got {other:?}"),
+    }
+}
+
+fn assert_corrupt<T: std::fmt::Debug>(r: StoreResult<T>, what: &str) -> String {
+    match r {
+        Err(StoreError::Corrupt(msg)) => msg,
+        other => panic!("{what}: expected Corrupt, got {other:?}"),
+    }
+}
+
+/// A small populated node: meta, two attributes, two people, one grant.
+async fn populate(store: &dyn Store) {
+    store.init_meta(&meta(), ev("init")).await.unwrap();
+    store
+        .create_attribute(&attr(DOCTOR, 1), ev("create-attribute"))
+        .await
+        .unwrap();
+    store
+        .create_attribute(&attr(NURSE, 1), ev("create-attribute"))
+        .await
+        .unwrap();
+    store.enroll(&person(1), ev("enroll")).await.unwrap();
+    store.enroll(&person(2), ev("enroll")).await.unwrap();
+    store
+        .grant(
+            &grant_of([1; 32], DOCTOR, None),
+            ev_about("grant", &[1; 32], DOCTOR),
+        )
+        .await
+        .unwrap();
+}
+
+// ---------------------------------------------------------------------------
+// Tests
+// ---------------------------------------------------------------------------
+
+async fn meta_is_initialised_once(h: Arc<Harness>) {
+    let s = h.store();
+    assert_eq!(s.backend(), h.backend());
+    assert_eq!(s.meta().await.unwrap(), None);
+    s.init_meta(&meta(), ev("init")).await.unwrap();
+    assert_eq!(s.meta().await.unwrap(), Some(meta()));
+
+    let other = AuthorityMeta {
+        authority_id: "hospital-b".to_owned(),
+        ..meta()
+    };
+    assert_already_exists(s.init_meta(&other, ev("init")).await, "second init");
+    assert_eq!(s.meta().await.unwrap(), Some(meta()), "first identity kept");
+    assert_chain(&all_entries(&*s).await, 1);
+}
+
+async fn attributes_create_rotate_and_list(h: Arc<Harness>) {
+    let s = h.store();
+    s.create_attribute(&attr(NURSE, 1), ev("create-attribute"))
+        .await
+        .unwrap();
+    s.create_attribute(&attr(DOCTOR, 1), ev("create-attribute"))
+        .await
+        .unwrap();
+    assert_already_exists(
+        s.create_attribute(&attr(DOCTOR, 1), ev("create-attribute"))
+            .await,
+        "duplicate attribute",
+    );
+    assert_conflict(
+        s.create_attribute(&attr("cardiologist@hospital-a", 2), ev("create-attribute"))
+            .await,
+        "new attribute at version 2",
+    );
+
+    // Rotation must go to exactly current + 1.
+    assert_conflict(
+        s.rotate_attribute(&attr(DOCTOR, 3), ev("rotate")).await,
+        "skip a version",
+    );
+    assert_conflict(
+        s.rotate_attribute(&attr(DOCTOR, 1), ev("rotate")).await,
+        "same version",
+    );
+    assert_not_found(
+        s.rotate_attribute(&attr("ghost@hospital-a", 2), ev("rotate"))
+            .await,
+        "rotate unknown attribute",
+    );
+    s.rotate_attribute(&attr(DOCTOR, 2), ev("rotate"))
+        .await
+        .unwrap();
+    assert_conflict(
+        s.rotate_attribute(&attr(DOCTOR, 2), ev("rotate")).await,
+        "rotate twice to 2",
+    );
+    s.rotate_attribute(&attr(DOCTOR, 3), ev("rotate"))
+        .await
+        .unwrap();
+
+    let versions = s.attribute_versions(DOCTOR).await.unwrap();
+    let summary: Vec<(u32, VersionState)> = versions.iter().map(|r| (r.version, r.state)).collect();
+    assert_eq!(
+        summary,
+        vec![
+            (1, VersionState::Superseded),
+            (2, VersionState::Superseded),
+            (3, VersionState::Current)
+        ]
+    );
+    let mut expected = attr(DOCTOR, 3);
+    expected.state = VersionState::Current;
+    assert_eq!(versions[2], expected, "stored record round-trips");
+    assert_eq!(versions[0].public_key, attr(DOCTOR, 1).public_key);
+    assert_eq!(versions[0].secret_sealed, attr(DOCTOR, 1).secret_sealed);
+
+    let all = s.attributes().await.unwrap();
+    let order: Vec<(&str, u32)> = all
+        .iter()
+        .map(|r| (r.attribute.as_str(), r.version))
+        .collect();
+    assert_eq!(
+        order,
+        vec![(DOCTOR, 1), (DOCTOR, 2), (DOCTOR, 3), (NURSE, 1)]
+    );
+    assert!(
+        s.attribute_versions("ghost@hospital-a")
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    // Only the successful operations were audited: 2 creates + 2 rotations.
+    assert_chain(&all_entries(&*s).await, 4);
+}
+
+async fn enroll_and_duplicates(h: Arc<Harness>) {
+    let s = h.store();
+    // Enroll out of time order: people() orders by enrollment time.
+    s.enroll(&person(3), ev("enroll")).await.unwrap();
+    s.enroll(&person(1), ev("enroll")).await.unwrap();
+    assert_eq!(s.person(&[1; 32]).await.unwrap(), Some(person(1)));
+    assert_eq!(s.person(&[9; 32]).await.unwrap(), None);
+
+    assert_already_exists(s.enroll(&person(1), ev("enroll")).await, "same GID");
+    let same_subject = PersonRecord {
+        gid: [42; 32],
+        ..person(3)
+    };
+    assert_already_exists(
+        s.enroll(&same_subject, ev("enroll")).await,
+        "same registry/subject",
+    );
+    let other_registry = PersonRecord {
+        gid: [43; 32],
+        registry: "other-register".to_owned(),
+        ..person(3)
+    };
+    s.enroll(&other_registry, ev("enroll")).await.unwrap();
+
+    let people = s.people().await.unwrap();
+    let gids: Vec<u8> = people.iter().map(|p| p.gid[0]).collect();
+    assert_eq!(gids, vec![1, 3, 43]);
+    assert_chain(&all_entries(&*s).await, 3);
+}
+
+async fn grant_revoke_and_regrant(h: Arc<Harness>) {
+    let s = h.store();
+    populate(&*s).await; // 6 entries; person 1 holds DOCTOR
+    let p2 = [2u8; 32];
+
+    assert_not_found(
+        s.grant(&grant_of([9; 32], DOCTOR, None), ev("grant")).await,
+        "grant to unknown person",
+    );
+    assert_not_found(
+        s.grant(&grant_of(p2, "ghost@hospital-a", None), ev("grant"))
+            .await,
+        "grant of unknown attribute",
+    );
+    assert_already_exists(
+        s.grant(&grant_of([1; 32], DOCTOR, None), ev("grant")).await,
+        "duplicate active grant",
+    );
+
+    s.grant(
+        &grant_of(p2, NURSE, Some(1_700_003_600)),
+        ev_about("break-glass", &p2, NURSE),
+    )
+    .await
+    .unwrap();
+    s.grant(&grant_of(p2, DOCTOR, None), ev_about("grant", &p2, DOCTOR))
+        .await
+        .unwrap();
+    let held = s.grants_for(&p2).await.unwrap();
+    assert_eq!(
+        held,
+        vec![
+            grant_of(p2, DOCTOR, None),
+            grant_of(p2, NURSE, Some(1_700_003_600))
+        ]
+    );
+    let holders: Vec<u8> = s
+        .holders(DOCTOR)
+        .await
+        .unwrap()
+        .iter()
+        .map(|g| g.gid[0])
+        .collect();
+    assert_eq!(holders.len(), 2);
+    assert!(holders.contains(&1) && holders.contains(&2));
+
+    s.revoke_grant(&p2, DOCTOR, ev_about("revoke", &p2, DOCTOR))
+        .await
+        .unwrap();
+    assert_not_found(
+        s.revoke_grant(&p2, DOCTOR, ev("revoke")).await,
+        "revoke twice",
+    );
+    assert_not_found(
+        s.revoke_grant(&[9; 32], DOCTOR, ev("revoke")).await,
+        "revoke unknown",
+    );
+    assert_eq!(
+        s.grants_for(&p2).await.unwrap(),
+        vec![grant_of(p2, NURSE, Some(1_700_003_600))]
+    );
+    let holders: Vec<u8> = s
+        .holders(DOCTOR)
+        .await
+        .unwrap()
+        .iter()
+        .map(|g| g.gid[0])
+        .collect();
+    assert_eq!(holders, vec![1]);
+
+    // Re-grant after revocation.
+    let again = GrantRecord {
+        granted_by: "patient".to_owned(),
+        granted_at: 1_700_000_500,
+        ..grant_of(p2, DOCTOR, None)
+    };
+    s.grant(&again, ev_about("grant", &p2, DOCTOR))
+        .await
+        .unwrap();
+    assert_eq!(
+        s.grants_for(&p2).await.unwrap(),
+        vec![again, grant_of(p2, NURSE, Some(1_700_003_600))]
+    );
+    assert!(s.holders("ghost@hospital-a").await.unwrap().is_empty());
+    assert!(s.grants_for(&[9; 32]).await.unwrap().is_empty());
+    // populate (6) + 2 grants + revoke + re-grant
+    assert_chain(&all_entries(&*s).await, 10);
+}
+
+async fn requests_lifecycle(h: Arc<Harness>) {
+    let s = h.store();
+    populate(&*s).await; // 6 entries; person 1 holds DOCTOR
+    let p1 = [1u8; 32];
+    let p2 = [2u8; 32];
+
+    assert_not_found(
+        s.create_request(&[9; 32], NURSE, "I work here", 10, ev("request"))
+            .await,
+        "request by unknown person",
+    );
+    assert_not_found(
+        s.create_request(&p2, "ghost@hospital-a", "why not", 10, ev("request"))
+            .await,
+        "request for unknown attribute",
+    );
+
+    let r1 = s
+        .create_request(&p2, NURSE, "night shift", 100, ev("request"))
+        .await
+        .unwrap();
+    let r2 = s
+        .create_request(&p2, DOCTOR, "curious", 101, ev("request"))
+        .await
+        .unwrap();
+    let r3 = s
+        .create_request(&p1, DOCTOR, "already have it", 102, ev("request"))
+        .await
+        .unwrap();
+    assert!(r1.id > 0 && r1.id < r2.id && r2.id < r3.id, "ids increase");
+    assert_eq!(r1.state, RequestState::Pending);
+    assert_eq!(
+        (r1.decided_by.clone(), r1.decided_at, r1.note.clone()),
+        (None, None, None)
+    );
+
+    let all = s.requests(None).await.unwrap();
+    assert_eq!(all, vec![r1.clone(), r2.clone(), r3.clone()]);
+    assert_eq!(
+        s.requests(Some(RequestState::Pending)).await.unwrap().len(),
+        3
+    );
+
+    // Approve: the grant appears in the same transaction.
+    let d1 = s
+        .decide_request(r1.id, true, "admin", "ok for nights", 200, ev("approve"))
+        .await
+        .unwrap();
+    assert_eq!(d1.state, RequestState::Approved);
+    assert_eq!(d1.decided_by.as_deref(), Some("admin"));
+    assert_eq!(d1.decided_at, Some(200));
+    assert_eq!(d1.note.as_deref(), Some("ok for nights"));
+    let granted = s.grants_for(&p2).await.unwrap();
+    assert_eq!(
+        granted,
+        vec![GrantRecord {
+            gid: p2,
+            attribute: NURSE.to_owned(),
+            granted_by: format!("request:{}", r1.id),
+            granted_at: 200,
+            expires_at: None,
+        }]
+    );
+
+    // Deny: no grant.
+    let d2 = s
+        .decide_request(r2.id, false, "admin", "no", 201, ev("deny"))
+        .await
+        .unwrap();
+    assert_eq!(d2.state, RequestState::Denied);
+    assert_eq!(s.grants_for(&p2).await.unwrap().len(), 1);
+
+    // Approving when an active grant exists keeps the existing grant.
+    s.decide_request(r3.id, true, "admin", "fine", 202, ev("approve"))
+        .await
+        .unwrap();
+    assert_eq!(
+        s.grants_for(&p1).await.unwrap(),
+        vec![grant_of(p1, DOCTOR, None)]
+    );
+
+    // Deciding twice, or an unknown id.
+    assert_conflict(
+        s.decide_request(r1.id, false, "admin", "changed my mind", 300, ev("deny"))
+            .await,
+        "decide twice",
+    );
+    assert_conflict(
+        s.decide_request(r2.id, true, "admin", "changed my mind", 300, ev("approve"))
+            .await,
+        "approve a denied request",
+    );
+    assert_not_found(
+        s.decide_request(r3.id + 1000, true, "admin", "", 300, ev("approve"))
+            .await,
+        "decide unknown request",
+    );
+
+    assert_eq!(
+        s.requests(Some(RequestState::Pending)).await.unwrap(),
+        vec![]
+    );
+    let approved = s.requests(Some(RequestState::Approved)).await.unwrap();
+    assert_eq!(
+        approved.iter().map(|r| r.id).collect::<Vec<_>>(),
+        vec![r1.id, r3.id]
+    );
+    assert_eq!(
+        s.requests(Some(RequestState::Denied)).await.unwrap(),
+        vec![d2]
+    );
+    assert_eq!(s.requests(None).await.unwrap()[0], d1);
+    // populate (6) + 3 requests + 3 decisions
+    assert_chain(&all_entries(&*s).await, 12);
+}
+
+async fn nonce_replay_is_detected(h: Arc<Harness>) {
+    let s = h.store();
+    let (a, b) = ([1u8; 32], [2u8; 32]);
+    assert!(s.use_nonce(&a, b"nonce-1", 100, 0).await.unwrap());
+    assert!(
+        !s.use_nonce(&a, b"nonce-1", 101, 0).await.unwrap(),
+        "replay"
+    );
+    assert!(s.use_nonce(&a, b"nonce-2", 102, 0).await.unwrap());
+    assert!(
+        s.use_nonce(&b, b"nonce-1", 103, 0).await.unwrap(),
+        "nonces are per GID"
+    );
+    assert!(
+        !s.use_nonce(&b, b"nonce-1", 104, 0).await.unwrap(),
+        "replay"
+    );
+    // Pruning forgets nonces older than prune_before (the caller rejects
+    // requests that old by their timestamp).
+    assert!(s.use_nonce(&a, b"nonce-3", 200, 150).await.unwrap());
+    assert!(
+        s.use_nonce(&a, b"nonce-1", 201, 150).await.unwrap(),
+        "pruned nonce"
+    );
+    assert!(
+        !s.use_nonce(&a, b"nonce-3", 202, 150).await.unwrap(),
+        "recent nonce kept"
+    );
+    // Nonces are not audited.
+    assert!(all_entries(&*s).await.is_empty());
+}
+
+async fn audit_chain_links_and_verifies(h: Arc<Harness>) {
+    let s = h.store();
+    populate(&*s).await;
+    s.rotate_attribute(&attr(DOCTOR, 2), ev("rotate"))
+        .await
+        .unwrap();
+    s.revoke_grant(&[1; 32], DOCTOR, ev_about("revoke", &[1; 32], DOCTOR))
+        .await
+        .unwrap();
+    let r = s
+        .create_request(&[2; 32], NURSE, "please", 5, ev("request"))
+        .await
+        .unwrap();
+    s.decide_request(r.id, true, "admin", "", 6, ev("approve"))
+        .await
+        .unwrap();
+    let appended = s
+        .append_audit(ev_about("issue", &[2; 32], NURSE))
+        .await
+        .unwrap();
+    assert_eq!(appended.seq, 11);
+
+    let entries = all_entries(&*s).await;
+    assert_chain(&entries, 11);
+    assert_eq!(
+        entries[10], appended,
+        "append_audit returns the stored entry"
+    );
+    let kinds: Vec<&str> = entries.iter().map(|e| e.event.kind.as_str()).collect();
+    assert_eq!(
+        kinds,
+        vec![
+            "init",
+            "create-attribute",
+            "create-attribute",
+            "enroll",
+            "enroll",
+            "grant",
+            "rotate",
+            "revoke",
+            "request",
+            "approve",
+            "issue"
+        ]
+    );
+    assert_eq!(
+        entries[5].event,
+        ev_about("grant", &[1; 32], DOCTOR),
+        "event round-trips"
+    );
+
+    // Paging.
+    let page = s.audit_entries(4, 3).await.unwrap();
+    assert_eq!(
+        page.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        vec![4, 5, 6]
+    );
+    assert_eq!(page, entries[3..6].to_vec());
+    assert!(s.audit_entries(12, 10).await.unwrap().is_empty());
+    assert!(s.audit_entries(1, 0).await.unwrap().is_empty());
+    assert!(s.audit_entries(1, -1).await.unwrap().is_empty());
+}
+
+async fn failed_operations_append_nothing(h: Arc<Harness>) {
+    let s = h.store();
+    populate(&*s).await;
+    let before = all_entries(&*s).await;
+    let _ = s.init_meta(&meta(), ev("init")).await.unwrap_err();
+    let _ = s
+        .create_attribute(&attr(DOCTOR, 1), ev("create-attribute"))
+        .await
+        .unwrap_err();
+    let _ = s
+        .rotate_attribute(&attr(DOCTOR, 5), ev("rotate"))
+        .await
+        .unwrap_err();
+    let _ = s.enroll(&person(1), ev("enroll")).await.unwrap_err();
+    let _ = s
+        .grant(&grant_of([1; 32], DOCTOR, None), ev("grant"))
+        .await
+        .unwrap_err();
+    let _ = s
+        .revoke_grant(&[2; 32], DOCTOR, ev("revoke"))
+        .await
+        .unwrap_err();
+    let _ = s
+        .create_request(&[9; 32], DOCTOR, "", 0, ev("request"))
+        .await
+        .unwrap_err();
+    let _ = s
+        .decide_request(999, true, "admin", "", 0, ev("approve"))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        all_entries(&*s).await,
+        before,
+        "failed operations left no audit entry"
+    );
+    // And nothing else changed either.
+    assert_eq!(s.attribute_versions(DOCTOR).await.unwrap().len(), 1);
+    assert_eq!(s.people().await.unwrap().len(), 2);
+    assert!(s.requests(None).await.unwrap().is_empty());
+}
+
+async fn concurrent_appends_are_serialized(h: Arc<Harness>) {
+    let s = h.store();
+    let mut tasks = Vec::new();
+    for t in 0..8 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut seqs = Vec::new();
+            for i in 0..25 {
+                let mut e = ev("issue");
+                e.detail = format!("task {t} entry {i}");
+                seqs.push(s.append_audit(e).await.unwrap().seq);
+            }
+            seqs
+        }));
+    }
+    let mut seqs = Vec::new();
+    for t in tasks {
+        let mine = t.await.unwrap();
+        assert!(
+            mine.windows(2).all(|w| w[0] < w[1]),
+            "a task's own entries are ordered"
+        );
+        seqs.extend(mine);
+    }
+    seqs.sort_unstable();
+    assert_eq!(
+        seqs,
+        (1..=200).collect::<Vec<i64>>(),
+        "no gaps, no duplicates"
+    );
+    assert_chain(&all_entries(&*s).await, 200);
+}
+
+async fn two_stores_over_one_database_share_one_chain(h: Arc<Harness>) {
+    // Two independent stores over one database, as two `serve` replicas (two
+    // PostgreSQL pools; two SQLite connections to one file).
+    let first = h.store();
+    let second = h.open_again().await.unwrap();
+    let mut tasks = Vec::new();
+    for t in 0..6 {
+        let s = if t % 2 == 0 {
+            first.clone()
+        } else {
+            second.clone()
+        };
+        tasks.push(tokio::spawn(async move {
+            for i in 0..20 {
+                let mut e = ev("issue");
+                e.detail = format!("replica {} task {t} entry {i}", t % 2);
+                s.append_audit(e).await.unwrap();
+            }
+        }));
+    }
+    // Mutations with side effects interleave with the appends.
+    first.enroll(&person(1), ev("enroll")).await.unwrap();
+    assert_already_exists(
+        second.enroll(&person(1), ev("enroll")).await,
+        "enrolled by the other",
+    );
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let entries = all_entries(&*second).await;
+    assert_chain(&entries, 121);
+    assert_eq!(entries, all_entries(&*first).await);
+}
+
+async fn reopen_keeps_data_and_schema(h: Arc<Harness>) {
+    let s = h.store();
+    populate(&*s).await;
+    let r = s
+        .create_request(&[2; 32], NURSE, "please", 5, ev("request"))
+        .await
+        .unwrap();
+    assert!(s.use_nonce(&[2; 32], b"n", 10, 0).await.unwrap());
+    let entries = all_entries(&*s).await;
+    let attributes = s.attributes().await.unwrap();
+    let people = s.people().await.unwrap();
+    drop(s);
+
+    let s = h.reopen().await;
+    assert_eq!(s.meta().await.unwrap(), Some(meta()));
+    assert_eq!(s.attributes().await.unwrap(), attributes);
+    assert_eq!(s.people().await.unwrap(), people);
+    assert_eq!(
+        s.grants_for(&[1; 32]).await.unwrap(),
+        vec![grant_of([1; 32], DOCTOR, None)]
+    );
+    assert_eq!(s.requests(None).await.unwrap(), vec![r.clone()]);
+    assert!(
+        !s.use_nonce(&[2; 32], b"n", 11, 0).await.unwrap(),
+        "nonce survived"
+    );
+    assert_eq!(all_entries(&*s).await, entries);
+
+    // The chain continues where it left off, and ids keep growing.
+    let next = s.append_audit(ev("issue")).await.unwrap();
+    assert_eq!(next.seq, entries.len() as i64 + 1);
+    assert_eq!(next.prev_hash, entries[entries.len() - 1].hash);
+    let r2 = s
+        .create_request(&[2; 32], DOCTOR, "again", 6, ev("request"))
+        .await
+        .unwrap();
+    assert!(r2.id > r.id);
+    assert_chain(&all_entries(&*s).await, entries.len() + 2);
+    drop(s);
+
+    // A third open applies nothing twice: one schema_version row per migration.
+    let s = h.reopen().await;
+    assert_eq!(s.meta().await.unwrap(), Some(meta()));
+    assert_eq!(h.query_i64("SELECT COUNT(*) FROM schema_version").await, 1);
+    assert_eq!(
+        h.query_i64("SELECT MAX(version) FROM schema_version").await,
+        1
+    );
+}
+
+async fn newer_schema_is_refused(h: Arc<Harness>) {
+    h.close();
+    h.exec_both("INSERT INTO schema_version (version, applied_at) VALUES (99, 0)")
+        .await;
+    let err = h.open_again().await.map(|_| ()).unwrap_err();
+    let msg = assert_corrupt(Err::<(), _>(err), "open a newer database");
+    assert!(
+        msg.starts_with("database schema 99 is newer than this build ("),
+        "message: {msg}"
+    );
+}
+
+async fn checkpoints_round_trip_and_verify(h: Arc<Harness>) {
+    let s = h.store();
+    populate(&*s).await;
+    let key = SigningKey::from_bytes(&[7u8; 32]);
+    let entries = all_entries(&*s).await;
+    let mut cps = Vec::new();
+    for seq in [3i64, 6] {
+        let hash = entries[seq as usize - 1].hash;
+        let ts = 1_700_000_900 + seq;
+        let signature = key
+            .sign(&checkpoint_message("hospital-a", seq, &hash, ts))
+            .to_bytes()
+            .to_vec();
+        let cp = Checkpoint {
+            seq,
+            hash,
+            ts,
+            signature,
+        };
+        s.add_checkpoint(&cp).await.unwrap();
+        cps.push(cp);
+    }
+    assert_already_exists(s.add_checkpoint(&cps[0]).await, "duplicate checkpoint");
+    assert_eq!(s.checkpoints().await.unwrap(), cps);
+
+    let mut v = Verifier::default();
+    for e in &entries {
+        v.entry(e);
+    }
+    for cp in &cps {
+        v.checkpoint("hospital-a", &key.verifying_key(), cp);
+    }
+    let report = v.finish();
+    assert_eq!((report.entries, report.checkpoints), (6, 2));
+    assert_eq!(report.problems, vec![]);
+}
+
+async fn tamper_edit_is_reported(h: Arc<Harness>) {
+    let s = h.store();
+    populate(&*s).await;
+    assert_eq!(verify(&all_entries(&*s).await), vec![]);
+    h.exec_both("UPDATE audit SET detail = 'nothing happened' WHERE seq = 3")
+        .await;
+    let entries = all_entries(&*s).await;
+    assert_eq!(entries[2].event.detail, "nothing happened");
+    assert_eq!(verify(&entries), vec![AuditProblem::Edited { seq: 3 }]);
+}
+
+async fn tamper_delete_is_reported(h: Arc<Harness>) {
+    let s = h.store();
+    populate(&*s).await;
+    h.exec_both("DELETE FROM audit WHERE seq = 3").await;
+    assert_eq!(
+        verify(&all_entries(&*s).await),
+        vec![AuditProblem::Missing { after: 2, next: 4 }]
+    );
+}
+
+async fn tamper_swap_is_reported(h: Arc<Harness>) {
+    let s = h.store();
+    populate(&*s).await;
+    // Swap the positions of entries 2 and 4.
+    h.exec_both(
+        "UPDATE audit SET seq = 1000000 WHERE seq = 2;
+         UPDATE audit SET seq = 2 WHERE seq = 4;
+         UPDATE audit SET seq = 4 WHERE seq = 1000000;",
+    )
+    .await;
+    let problems = verify(&all_entries(&*s).await);
+    println!("{} swap of entries 2 and 4: {problems:?}", h.backend());
+    // Each moved entry no longer hashes to its stored hash (seq is hashed),
+    // and no longer links to its new predecessor; the entries after each
+    // moved one no longer link either.
+    assert_eq!(
+        problems,
+        vec![
+            AuditProblem::Edited { seq: 2 },
+            AuditProblem::BrokenLink { seq: 2 },
+            AuditProblem::BrokenLink { seq: 3 },
+            AuditProblem::Edited { seq: 4 },
+            AuditProblem::BrokenLink { seq: 4 },
+            AuditProblem::BrokenLink { seq: 5 },
+        ]
+    );
+}
+
+async fn undecodable_rows_are_corrupt(h: Arc<Harness>) {
+    let s = h.store();
+    populate(&*s).await;
+    // Bypass the CHECK constraints, as a tamperer with raw access could.
+    h.exec(
+        "PRAGMA ignore_check_constraints = ON;
+         UPDATE audit SET hash = x'0102' WHERE seq = 2;
+         UPDATE attributes SET state = 'retired' WHERE attribute = 'nurse@hospital-a';
+         UPDATE people SET request_key = x'00' WHERE subject = 'subject-2';",
+        "ALTER TABLE audit DROP CONSTRAINT audit_hash_len;
+         ALTER TABLE attributes DROP CONSTRAINT attributes_state_known;
+         ALTER TABLE people DROP CONSTRAINT people_request_key_len;
+         UPDATE audit SET hash = decode('0102', 'hex') WHERE seq = 2;
+         UPDATE attributes SET state = 'retired' WHERE attribute = 'nurse@hospital-a';
+         UPDATE people SET request_key = decode('00', 'hex') WHERE subject = 'subject-2';",
+    )
+    .await;
+    let msg = assert_corrupt(s.audit_entries(1, 100).await, "short audit hash");
+    assert!(msg.contains("audit entry 2 hash is 2 bytes"), "{msg}");
+    // Entries before the bad one still read.
+    assert_eq!(s.audit_entries(1, 1).await.unwrap().len(), 1);
+    let msg = assert_corrupt(s.attributes().await, "unknown version state");
+    assert!(msg.contains("retired"), "{msg}");
+    assert_eq!(s.attribute_versions(DOCTOR).await.unwrap().len(), 1);
+    assert_corrupt(s.people().await, "short request key");
+    assert_corrupt(s.person(&[2; 32]).await, "short request key");
+    assert_eq!(s.person(&[1; 32]).await.unwrap(), Some(person(1)));
+    // Appending after a corrupt chain head is refused too, not guessed at.
+    h.exec_both("DELETE FROM audit WHERE seq > 2").await;
+    assert_corrupt(
+        s.append_audit(ev("issue")).await,
+        "append after a short hash",
+    );
+}

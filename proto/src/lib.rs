@@ -1,0 +1,25 @@
+//! # mabe-proto: the mabe.v1 gRPC API
+//!
+//! Generated types and service stubs ([`v1`]), and the exact byte strings
+//! that requests' Ed25519 signatures cover ([`signing`]), shared by the
+//! authority and the client so both sides sign and verify the same bytes.
+#![warn(missing_docs)]
+
+/// Generated protobuf types and tonic services of package `mabe.v1`.
+#[allow(
+    missing_docs,
+    clippy::all,
+    clippy::pedantic,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic
+)]
+pub mod v1 {
+    tonic::include_proto!("mabe.v1");
+}
+
+pub mod signing;
+
+/// Largest gRPC message either side accepts (4 MiB: a directory of a few
+/// thousand attributes, or a key batch, fits easily).
+pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;

@@ -1,0 +1,246 @@
+//! The byte strings covered by signatures (docs/PROTOCOL.md).
+//!
+//! Every string starts with a domain-separation tag; variable-length fields
+//! carry a 4-byte big-endian length prefix (`lp`), integers are big-endian.
+//! Signatures never cover a protobuf encoding directly, except the admin
+//! request digest, which both sides compute with the same generated code.
+
+/// Tag of a key fetch.
+pub const TAG_KEY_REQUEST: &[u8] = b"MABE-V1-KEYREQ";
+/// Tag of an attribute request.
+pub const TAG_ATTRIBUTE_REQUEST: &[u8] = b"MABE-V1-ATTRREQ";
+/// Tag of an admin call.
+pub const TAG_ADMIN: &[u8] = b"MABE-V1-ADMIN";
+/// Tag of a directory body.
+pub const TAG_DIRECTORY: &[u8] = b"MABE-V1-DIR";
+
+fn lp(out: &mut Vec<u8>, b: &[u8]) {
+    out.extend_from_slice(&(b.len() as u32).to_be_bytes());
+    out.extend_from_slice(b);
+}
+
+/// `"MABE-V1-KEYREQ" ‖ lp(authority) ‖ lp(gid) ‖ be32(n) ‖ lp(attr_1) … ‖ lp(nonce) ‖ be64(timestamp)`.
+///
+/// ```
+/// let m = mabe_proto::signing::key_request_message("hospital-a", &[0; 32], &["doctor@hospital-a".into()], b"nonce-0123456789", 1_700_000_000);
+/// assert!(m.starts_with(b"MABE-V1-KEYREQ"));
+/// ```
+pub fn key_request_message(
+    authority: &str,
+    gid: &[u8],
+    attributes: &[String],
+    nonce: &[u8],
+    timestamp: i64,
+) -> Vec<u8> {
+    let mut m = Vec::with_capacity(128);
+    m.extend_from_slice(TAG_KEY_REQUEST);
+    lp(&mut m, authority.as_bytes());
+    lp(&mut m, gid);
+    m.extend_from_slice(&(attributes.len() as u32).to_be_bytes());
+    for a in attributes {
+        lp(&mut m, a.as_bytes());
+    }
+    lp(&mut m, nonce);
+    m.extend_from_slice(&timestamp.to_be_bytes());
+    m
+}
+
+/// `"MABE-V1-ATTRREQ" ‖ lp(authority) ‖ lp(gid) ‖ lp(attribute) ‖ lp(reason) ‖ lp(nonce) ‖ be64(timestamp)`.
+///
+/// ```
+/// let m = mabe_proto::signing::attribute_request_message("hospital-a", &[0; 32], "researcher@hospital-a", "study 42", b"n", 1);
+/// assert!(m.starts_with(b"MABE-V1-ATTRREQ"));
+/// ```
+pub fn attribute_request_message(
+    authority: &str,
+    gid: &[u8],
+    attribute: &str,
+    reason: &str,
+    nonce: &[u8],
+    timestamp: i64,
+) -> Vec<u8> {
+    let mut m = Vec::with_capacity(128 + reason.len());
+    m.extend_from_slice(TAG_ATTRIBUTE_REQUEST);
+    lp(&mut m, authority.as_bytes());
+    lp(&mut m, gid);
+    lp(&mut m, attribute.as_bytes());
+    lp(&mut m, reason.as_bytes());
+    lp(&mut m, nonce);
+    m.extend_from_slice(&timestamp.to_be_bytes());
+    m
+}
+
+/// `"MABE-V1-ADMIN" ‖ lp(authority) ‖ lp(method path) ‖ lp(nonce) ‖ be64(timestamp) ‖ body_digest`,
+/// where `body_digest` is SHA-256 of the request message's protobuf encoding.
+///
+/// ```
+/// let m = mabe_proto::signing::admin_message("hospital-a", "/mabe.v1.AuthorityAdmin/Enroll", b"n", 1, &[0; 32]);
+/// assert!(m.starts_with(b"MABE-V1-ADMIN"));
+/// ```
+pub fn admin_message(
+    authority: &str,
+    method: &str,
+    nonce: &[u8],
+    timestamp: i64,
+    body_digest: &[u8; 32],
+) -> Vec<u8> {
+    let mut m = Vec::with_capacity(128);
+    m.extend_from_slice(TAG_ADMIN);
+    lp(&mut m, authority.as_bytes());
+    lp(&mut m, method.as_bytes());
+    lp(&mut m, nonce);
+    m.extend_from_slice(&timestamp.to_be_bytes());
+    m.extend_from_slice(body_digest);
+    m
+}
+
+/// One entry of a signed directory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DirectoryEntry {
+    /// Canonical attribute text.
+    pub attribute: String,
+    /// Version.
+    pub version: u32,
+    /// Whether encryptors must use this version (false: superseded).
+    pub current: bool,
+    /// Encoded attribute public key (FORMAT.md 'P').
+    pub public_key: Vec<u8>,
+}
+
+/// A directory body: what the identity key signs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Directory {
+    /// Authority id.
+    pub authority: String,
+    /// Unix seconds.
+    pub issued_at: i64,
+    /// Unix seconds after which clients must fetch a fresh directory.
+    pub valid_until: i64,
+    /// Entries, ordered by attribute then version.
+    pub entries: Vec<DirectoryEntry>,
+}
+
+/// Largest directory body accepted.
+pub const MAX_DIRECTORY_BYTES: usize = 4 * 1024 * 1024;
+
+/// Why a directory body did not decode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirectoryError(pub &'static str);
+
+impl std::fmt::Display for DirectoryError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "malformed directory: {}", self.0)
+    }
+}
+
+impl std::error::Error for DirectoryError {}
+
+impl Directory {
+    /// `"MABE-V1-DIR" ‖ lp(authority) ‖ be64(issued_at) ‖ be64(valid_until) ‖ be32(n) ‖
+    /// n × (lp(attribute) ‖ be32(version) ‖ u8(current) ‖ lp(public_key))`.
+    ///
+    /// ```
+    /// use mabe_proto::signing::Directory;
+    /// let d = Directory { authority: "hospital-a".into(), issued_at: 1, valid_until: 2, entries: vec![] };
+    /// assert_eq!(Directory::decode(&d.encode()), Ok(d));
+    /// ```
+    pub fn encode(&self) -> Vec<u8> {
+        let mut m = Vec::with_capacity(64 + self.entries.len() * 700);
+        m.extend_from_slice(TAG_DIRECTORY);
+        lp(&mut m, self.authority.as_bytes());
+        m.extend_from_slice(&self.issued_at.to_be_bytes());
+        m.extend_from_slice(&self.valid_until.to_be_bytes());
+        m.extend_from_slice(&(self.entries.len() as u32).to_be_bytes());
+        for e in &self.entries {
+            lp(&mut m, e.attribute.as_bytes());
+            m.extend_from_slice(&e.version.to_be_bytes());
+            m.push(u8::from(e.current));
+            lp(&mut m, &e.public_key);
+        }
+        m
+    }
+
+    /// Decode a body (bounded, no trailing bytes). Does not check the
+    /// signature or the public keys: callers do both.
+    pub fn decode(b: &[u8]) -> Result<Directory, DirectoryError> {
+        if b.len() > MAX_DIRECTORY_BYTES {
+            return Err(DirectoryError("larger than the size limit"));
+        }
+        let mut r = Cursor { b, pos: 0 };
+        if r.take(TAG_DIRECTORY.len())? != TAG_DIRECTORY {
+            return Err(DirectoryError("bad tag"));
+        }
+        let authority = r.string(64)?;
+        let issued_at = r.i64()?;
+        let valid_until = r.i64()?;
+        let n = r.u32()? as usize;
+        if n > 100_000 {
+            return Err(DirectoryError("too many entries"));
+        }
+        let mut entries = Vec::with_capacity(n.min(1024));
+        for _ in 0..n {
+            let attribute = r.string(256)?;
+            let version = r.u32()?;
+            let current = match r.take(1)? {
+                [0] => false,
+                [1] => true,
+                _ => return Err(DirectoryError("bad current flag")),
+            };
+            let public_key = r.lp(2048)?.to_vec();
+            entries.push(DirectoryEntry {
+                attribute,
+                version,
+                current,
+                public_key,
+            });
+        }
+        if r.pos != b.len() {
+            return Err(DirectoryError("trailing bytes"));
+        }
+        Ok(Directory {
+            authority,
+            issued_at,
+            valid_until,
+            entries,
+        })
+    }
+}
+
+struct Cursor<'a> {
+    b: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], DirectoryError> {
+        let end = self.pos.checked_add(n).ok_or(DirectoryError("truncated"))?;
+        let s = self
+            .b
+            .get(self.pos..end)
+            .ok_or(DirectoryError("truncated"))?;
+        self.pos = end;
+        Ok(s)
+    }
+    fn u32(&mut self) -> Result<u32, DirectoryError> {
+        let mut a = [0u8; 4];
+        a.copy_from_slice(self.take(4)?);
+        Ok(u32::from_be_bytes(a))
+    }
+    fn i64(&mut self) -> Result<i64, DirectoryError> {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(self.take(8)?);
+        Ok(i64::from_be_bytes(a))
+    }
+    fn lp(&mut self, max: usize) -> Result<&'a [u8], DirectoryError> {
+        let n = self.u32()? as usize;
+        if n > max {
+            return Err(DirectoryError("field over its size limit"));
+        }
+        self.take(n)
+    }
+    fn string(&mut self, max: usize) -> Result<String, DirectoryError> {
+        std::str::from_utf8(self.lp(max)?)
+            .map(str::to_owned)
+            .map_err(|_| DirectoryError("text is not UTF-8"))
+    }
+}
