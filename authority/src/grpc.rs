@@ -99,7 +99,8 @@ impl v1::authority_server::Authority for PublicService {
             signature: r.signature,
         };
         let keys = self.node.fetch_keys(&fetch).await.map_err(status)?;
-        Ok(Response::new(FetchKeysResponse {
+        let issued = crate::metrics::KeysIssued(keys.len());
+        let mut response = Response::new(FetchKeysResponse {
             keys: keys
                 .into_iter()
                 .map(|k| IssuedKey {
@@ -109,7 +110,9 @@ impl v1::authority_server::Authority for PublicService {
                     expires_at: k.expires_at.unwrap_or(0),
                 })
                 .collect(),
-        }))
+        });
+        response.extensions_mut().insert(issued);
+        Ok(response)
     }
 
     async fn request_attribute(

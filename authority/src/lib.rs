@@ -7,6 +7,8 @@
 //! - [`audit`]: the hash chain and signed checkpoints;
 //! - [`seal`]: secrets at rest under the key-encryption key;
 //! - [`grpc`] and [`server`]: the public and admin gRPC services over TLS;
+//! - [`metrics`]: Prometheus counters, served as `GET /metrics` on the admin
+//!   listener;
 //! - [`admin_client`]: signing admin calls; [`datadir`]: the data directory.
 #![warn(missing_docs)]
 
@@ -14,6 +16,7 @@ pub mod admin_client;
 pub mod audit;
 pub mod datadir;
 pub mod grpc;
+pub mod metrics;
 pub mod node;
 pub mod seal;
 pub mod server;

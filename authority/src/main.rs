@@ -129,6 +129,22 @@ enum Command {
         #[arg(long, default_value = "")]
         note: String,
     },
+    /// Write every key granted to a person to a file (offline issuance, e.g.
+    /// by a patient's personal authority); the file is secret (mode 0600).
+    Issue {
+        /// The person's GID.
+        #[arg(long)]
+        gid: String,
+        /// Output file (must not exist).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// List rotation jobs (revocations whose stored records await update tokens).
+    Rotations {
+        /// Only pending jobs.
+        #[arg(long)]
+        pending: bool,
+    },
     /// The audit log.
     #[command(subcommand)]
     Audit(AuditCmd),
@@ -341,6 +357,34 @@ async fn run(cli: Cli) -> Result<i32> {
             let node = open_node(&cli, &dir).await?;
             let r = node.decide(*id, approve, note, "admin").await?;
             println!("request #{} {}", r.id, r.state.as_str());
+        }
+        Command::Issue { gid, out } => {
+            let node = open_node(&cli, &dir).await?;
+            let keys = node.issue_offline(&gid_bytes(gid)?).await?;
+            if keys.is_empty() {
+                bail!("nothing to issue: no active grant for this GID");
+            }
+            let encoded: Vec<Vec<u8>> = keys.iter().map(|k| k.key.to_vec()).collect();
+            let bundle = mabe_proto::bundle::encode(node.authority_id().as_str(), &encoded);
+            write_private(out, &bundle)?;
+            for k in &keys {
+                println!("issued {} version {}", k.attribute, k.version);
+            }
+            println!("wrote {} key(s) to {}", keys.len(), out.display());
+        }
+        Command::Rotations { pending } => {
+            let node = open_node(&cli, &dir).await?;
+            for r in node.rotations(*pending).await? {
+                println!(
+                    "#{:<4} {:<40} v{} -> v{} {:<8} {}",
+                    r.id,
+                    r.attribute,
+                    r.from_version,
+                    r.to_version,
+                    r.state.as_str(),
+                    r.reason
+                );
+            }
         }
         Command::Audit(AuditCmd::Verify) => {
             let node = open_node(&cli, &dir).await?;

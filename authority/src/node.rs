@@ -20,10 +20,10 @@ use zeroize::Zeroizing;
 
 use crate::{
     audit::{self, AuditReport, Verifier},
-    seal::{Kek, SealError, attribute_ad, identity_ad},
+    seal::{Kek, SealError, attribute_ad, identity_ad, update_ad},
     store::{
-        AttributeRecord, AuditEvent, AuthorityMeta, Checkpoint, GrantRecord, PersonRecord,
-        RequestRecord, RequestState, Store, StoreError, VersionState,
+        AttributeRecord, AuditEvent, AuthorityMeta, Checkpoint, GrantRecord, NewRotation,
+        PersonRecord, RequestRecord, RequestState, RotationRecord, Store, StoreError, VersionState,
     },
 };
 
@@ -171,6 +171,8 @@ pub struct Revocation {
     pub attribute: String,
     /// Its new version.
     pub new_version: u32,
+    /// The pending rotation job (its update secret awaits the proxies' rows).
+    pub rotation_id: i64,
     /// Remaining holders, who get the new version on their next fetch.
     pub remaining_holders: usize,
 }
@@ -551,18 +553,64 @@ impl Node {
             .await?;
         let rec = self.current(&attr.to_string()).await?;
         let sk = self.secret(&rec)?;
-        let (next, _update) = sk.rotate(&mut OsRng)?;
+        let (next, update) = sk.rotate(&mut OsRng)?;
         let new_rec = self.record_for(&next, VersionState::Current)?;
+        let rotation = NewRotation {
+            reason: format!("revoke {gid}"),
+            update_secret_sealed: self.kek.seal(
+                &mut OsRng,
+                &update_ad(self.id.as_str(), &rec.attribute, rec.version),
+                &update.to_bytes(),
+            )?,
+        };
         let mut ev = event("rotate", "admin");
         ev.attribute = Some(attr.to_string());
         ev.detail = format!("version {} -> {}", rec.version, new_rec.version);
-        self.store.rotate_attribute(&new_rec, ev).await?;
+        let job = self.store.rotate_attribute(&new_rec, &rotation, ev).await?;
         let remaining_holders = self.store.holders(&attr.to_string()).await?.len();
         Ok(Revocation {
             attribute: attr.to_string(),
             new_version: new_rec.version,
+            rotation_id: job.id,
             remaining_holders,
         })
+    }
+
+    /// Rotation jobs, oldest first (only pending ones if `pending_only`).
+    pub async fn rotations(&self, pending_only: bool) -> NodeResult<Vec<RotationRecord>> {
+        Ok(self.store.rotations(pending_only).await?)
+    }
+
+    /// The update secret of a pending rotation, opened from its seal (for the
+    /// token computation of the revocation flow).
+    pub fn update_secret(&self, job: &RotationRecord) -> NodeResult<mabe_abe::UpdateSecret> {
+        let sealed = job.update_secret_sealed.as_deref().ok_or_else(|| {
+            NodeError::Conflict(format!(
+                "rotation {} is done: its update secret was erased",
+                job.id
+            ))
+        })?;
+        let bytes = self.kek.open(
+            &update_ad(self.id.as_str(), &job.attribute, job.from_version),
+            sealed,
+        )?;
+        let us = mabe_abe::UpdateSecret::from_bytes(&bytes)?;
+        if us.attribute().to_string() != job.attribute
+            || us.from_version().get() != job.from_version
+        {
+            return Err(NodeError::Store(StoreError::Corrupt(format!(
+                "sealed update secret of rotation {} is for another attribute",
+                job.id
+            ))));
+        }
+        Ok(us)
+    }
+
+    /// Finish a rotation: every stored row was updated, so erase its update secret.
+    pub async fn finish_rotation(&self, id: i64) -> NodeResult<RotationRecord> {
+        let mut ev = event("rotation-done", "admin");
+        ev.detail = format!("rotation {id}: update secret erased");
+        Ok(self.store.finish_rotation(id, now(), ev).await?)
     }
 
     // -------------------------------------------------------------- requests
@@ -729,6 +777,28 @@ impl Node {
                 message: &msg,
             })
             .await?;
+        self.issue(&person, &req.attributes, "key fetch").await
+    }
+
+    /// Issue keys to an enrolled person without a signed request: offline
+    /// issuance by the administrator (`mabe-authority issue --out`), e.g. by a
+    /// patient's personal authority for a family member. Audited as `issue`.
+    pub async fn issue_offline(&self, gid: &[u8]) -> NodeResult<Vec<IssuedKey>> {
+        let gid = gid_of(gid)?;
+        let person = self
+            .store
+            .person(gid.as_bytes())
+            .await?
+            .ok_or_else(|| NodeError::NotFound(format!("GID {gid} is not enrolled")))?;
+        self.issue(&person, &[], "offline issuance").await
+    }
+
+    async fn issue(
+        &self,
+        person: &PersonRecord,
+        attributes: &[String],
+        how: &str,
+    ) -> NodeResult<Vec<IssuedKey>> {
         let gid = Gid::from_bytes(person.gid);
         let t = now();
         let grants: Vec<GrantRecord> = self
@@ -738,11 +808,11 @@ impl Node {
             .into_iter()
             .filter(|g| g.expires_at.is_none_or(|e| e > t))
             .collect();
-        let wanted: Vec<&GrantRecord> = if req.attributes.is_empty() {
+        let wanted: Vec<&GrantRecord> = if attributes.is_empty() {
             grants.iter().collect()
         } else {
             let mut out = Vec::new();
-            for a in &req.attributes {
+            for a in attributes {
                 let canonical = self.attribute(a)?.to_string();
                 match grants.iter().find(|g| g.attribute == canonical) {
                     Some(g) => out.push(g),
@@ -775,11 +845,12 @@ impl Node {
         }
         let mut ev = event("issue", &gid.to_string());
         ev.subject = Some(gid.to_string());
-        ev.detail = issued
-            .iter()
-            .map(|k| format!("{}#{}", k.attribute, k.version))
-            .collect::<Vec<_>>()
-            .join(", ");
+        ev.detail = format!("{how}: ")
+            + &issued
+                .iter()
+                .map(|k| format!("{}#{}", k.attribute, k.version))
+                .collect::<Vec<_>>()
+                .join(", ");
         self.store.append_audit(ev).await?;
         Ok(issued)
     }

@@ -140,6 +140,16 @@ pub fn attribute_ad(authority: &str, attribute: &str, version: u32) -> Vec<u8> {
     ad
 }
 
+/// AD of a rotation's update secret:
+/// `"MABE-V1-SEAL-UPDATE" ‖ lp(authority) ‖ lp(attribute) ‖ be32(from_version)`.
+pub fn update_ad(authority: &str, attribute: &str, from_version: u32) -> Vec<u8> {
+    let mut ad = b"MABE-V1-SEAL-UPDATE".to_vec();
+    lp(&mut ad, authority.as_bytes());
+    lp(&mut ad, attribute.as_bytes());
+    ad.extend_from_slice(&from_version.to_be_bytes());
+    ad
+}
+
 /// AD of the identity key: `"MABE-V1-SEAL-IDENTITY" ‖ lp(authority)`.
 pub fn identity_ad(authority: &str) -> Vec<u8> {
     let mut ad = b"MABE-V1-SEAL-IDENTITY".to_vec();

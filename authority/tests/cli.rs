@@ -299,3 +299,71 @@ async fn sigkill_during_a_burst_of_approvals_loses_no_acknowledged_write() {
     s2.child.kill().unwrap();
     s2.child.wait().unwrap();
 }
+
+#[tokio::test]
+async fn offline_issuance_writes_a_private_bundle_of_verifiable_keys() {
+    use mabe_authority::store::{Store, sqlite::SqliteStore};
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("a");
+    init(&dir);
+    ok(&dir, &["attribute", "create", "family"]);
+    let key = hex::encode(new_key().verifying_key().to_bytes());
+    let enrolled = ok(
+        &dir,
+        &[
+            "enroll",
+            "--registry",
+            "national-id",
+            "--subject",
+            "NL-1",
+            "--request-key",
+            &key,
+        ],
+    );
+    let gid = enrolled.trim().rsplit(' ').next().unwrap().to_owned();
+    let out = tmp.path().join("keys.bundle");
+    // Nothing granted yet: a clear refusal, no file.
+    let none = run(
+        &dir,
+        &["issue", "--gid", &gid, "--out", out.to_str().unwrap()],
+    );
+    assert!(!none.status.success());
+    assert!(String::from_utf8_lossy(&none.stderr).contains("no active grant"));
+    assert!(!out.exists());
+    ok(&dir, &["grant", "--gid", &gid, "--attr", "family"]);
+    let text = ok(
+        &dir,
+        &["issue", "--gid", &gid, "--out", out.to_str().unwrap()],
+    );
+    assert!(
+        text.contains("issued family@hospital-a version 1"),
+        "{text}"
+    );
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(&out).unwrap().permissions().mode() & 0o077,
+            0
+        );
+    }
+    let (authority, keys) = mabe_proto::bundle::decode(&std::fs::read(&out).unwrap()).unwrap();
+    assert_eq!((authority.as_str(), keys.len()), ("hospital-a", 1));
+    let store = SqliteStore::open(&dir.join("authority.db")).unwrap();
+    let pk =
+        mabe_abe::AttributePublicKey::from_bytes(&store.attributes().await.unwrap()[0].public_key)
+            .unwrap();
+    let mut ring = mabe_abe::UserKeyRing::new(mabe_abe::Gid::from_hex(&gid).unwrap()).unwrap();
+    ring.insert(mabe_abe::UserKey::from_bytes(&keys[0]).unwrap(), &pk)
+        .expect("offline key passes the pairing check");
+    // Refuses to overwrite.
+    assert!(
+        !run(
+            &dir,
+            &["issue", "--gid", &gid, "--out", out.to_str().unwrap()]
+        )
+        .status
+        .success()
+    );
+    assert!(ok(&dir, &["audit", "verify"]).contains("audit log verifies"));
+}

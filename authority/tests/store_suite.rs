@@ -17,8 +17,8 @@ use mabe_authority::audit::{AuditProblem, Verifier, checkpoint_message, entry_ha
 use mabe_authority::store::postgres::PgStore;
 use mabe_authority::store::sqlite::SqliteStore;
 use mabe_authority::store::{
-    AttributeRecord, AuditEntry, AuditEvent, AuthorityMeta, Checkpoint, GrantRecord, PersonRecord,
-    RequestState, Store, StoreError, StoreResult, VersionState,
+    AttributeRecord, AuditEntry, AuditEvent, AuthorityMeta, Checkpoint, GrantRecord, NewRotation,
+    PersonRecord, RequestState, RotationState, Store, StoreError, StoreResult, VersionState,
 };
 
 // ---------------------------------------------------------------------------
@@ -261,11 +261,19 @@ suite!(
     tamper_delete_is_reported,
     tamper_swap_is_reported,
     undecodable_rows_are_corrupt,
+    rotations_keep_the_sealed_secret_until_finished,
 );
 
 // ---------------------------------------------------------------------------
 // Fixtures
 // ---------------------------------------------------------------------------
+
+fn rot() -> NewRotation {
+    NewRotation {
+        reason: "revoke test".into(),
+        update_secret_sealed: vec![0x55; 90],
+    }
+}
 
 fn ev(kind: &str) -> AuditEvent {
     AuditEvent {
@@ -456,26 +464,29 @@ async fn attributes_create_rotate_and_list(h: Arc<Harness>) {
 
     // Rotation must go to exactly current + 1.
     assert_conflict(
-        s.rotate_attribute(&attr(DOCTOR, 3), ev("rotate")).await,
+        s.rotate_attribute(&attr(DOCTOR, 3), &rot(), ev("rotate"))
+            .await,
         "skip a version",
     );
     assert_conflict(
-        s.rotate_attribute(&attr(DOCTOR, 1), ev("rotate")).await,
+        s.rotate_attribute(&attr(DOCTOR, 1), &rot(), ev("rotate"))
+            .await,
         "same version",
     );
     assert_not_found(
-        s.rotate_attribute(&attr("ghost@hospital-a", 2), ev("rotate"))
+        s.rotate_attribute(&attr("ghost@hospital-a", 2), &rot(), ev("rotate"))
             .await,
         "rotate unknown attribute",
     );
-    s.rotate_attribute(&attr(DOCTOR, 2), ev("rotate"))
+    s.rotate_attribute(&attr(DOCTOR, 2), &rot(), ev("rotate"))
         .await
         .unwrap();
     assert_conflict(
-        s.rotate_attribute(&attr(DOCTOR, 2), ev("rotate")).await,
+        s.rotate_attribute(&attr(DOCTOR, 2), &rot(), ev("rotate"))
+            .await,
         "rotate twice to 2",
     );
-    s.rotate_attribute(&attr(DOCTOR, 3), ev("rotate"))
+    s.rotate_attribute(&attr(DOCTOR, 3), &rot(), ev("rotate"))
         .await
         .unwrap();
 
@@ -785,7 +796,7 @@ async fn nonce_replay_is_detected(h: Arc<Harness>) {
 async fn audit_chain_links_and_verifies(h: Arc<Harness>) {
     let s = h.store();
     populate(&*s).await;
-    s.rotate_attribute(&attr(DOCTOR, 2), ev("rotate"))
+    s.rotate_attribute(&attr(DOCTOR, 2), &rot(), ev("rotate"))
         .await
         .unwrap();
     s.revoke_grant(&[1; 32], DOCTOR, ev_about("revoke", &[1; 32], DOCTOR))
@@ -855,7 +866,7 @@ async fn failed_operations_append_nothing(h: Arc<Harness>) {
         .await
         .unwrap_err();
     let _ = s
-        .rotate_attribute(&attr(DOCTOR, 5), ev("rotate"))
+        .rotate_attribute(&attr(DOCTOR, 5), &rot(), ev("rotate"))
         .await
         .unwrap_err();
     let _ = s.enroll(&person(1), ev("enroll")).await.unwrap_err();
@@ -996,10 +1007,10 @@ async fn reopen_keeps_data_and_schema(h: Arc<Harness>) {
     // A third open applies nothing twice: one schema_version row per migration.
     let s = h.reopen().await;
     assert_eq!(s.meta().await.unwrap(), Some(meta()));
-    assert_eq!(h.query_i64("SELECT COUNT(*) FROM schema_version").await, 1);
+    assert_eq!(h.query_i64("SELECT COUNT(*) FROM schema_version").await, 2);
     assert_eq!(
         h.query_i64("SELECT MAX(version) FROM schema_version").await,
-        1
+        2
     );
 }
 
@@ -1133,5 +1144,56 @@ async fn undecodable_rows_are_corrupt(h: Arc<Harness>) {
     assert_corrupt(
         s.append_audit(ev("issue")).await,
         "append after a short hash",
+    );
+}
+
+async fn rotations_keep_the_sealed_secret_until_finished(h: Arc<Harness>) {
+    let s = h.store();
+    s.create_attribute(&attr(DOCTOR, 1), ev("create-attribute"))
+        .await
+        .unwrap();
+    let job = s
+        .rotate_attribute(&attr(DOCTOR, 2), &rot(), ev("rotate"))
+        .await
+        .unwrap();
+    assert_eq!((job.from_version, job.to_version), (1, 2));
+    assert_eq!(job.state, RotationState::Pending);
+    assert_eq!(job.update_secret_sealed, Some(vec![0x55; 90]));
+    assert_eq!(job.reason, "revoke test");
+    // A failed rotation creates no job.
+    assert_conflict(
+        s.rotate_attribute(&attr(DOCTOR, 2), &rot(), ev("rotate"))
+            .await,
+        "rotate twice to 2",
+    );
+    assert_eq!(s.rotations(true).await.unwrap(), vec![job.clone()]);
+    let before = all_entries(&*s).await.len();
+    let done = s
+        .finish_rotation(job.id, 99, ev("rotation-done"))
+        .await
+        .unwrap();
+    assert_eq!(done.state, RotationState::Done);
+    assert_eq!(
+        done.update_secret_sealed, None,
+        "the update secret is erased"
+    );
+    assert_eq!(done.finished_at, Some(99));
+    assert_eq!(all_entries(&*s).await.len(), before + 1);
+    assert_conflict(
+        s.finish_rotation(job.id, 100, ev("rotation-done")).await,
+        "finish twice",
+    );
+    assert_not_found(
+        s.finish_rotation(job.id + 1000, 100, ev("rotation-done"))
+            .await,
+        "unknown rotation",
+    );
+    assert!(s.rotations(true).await.unwrap().is_empty());
+    assert_eq!(s.rotations(false).await.unwrap(), vec![done]);
+    // The erased secret is gone from the database, not just hidden.
+    assert_eq!(
+        h.query_i64("SELECT COUNT(*) FROM rotations WHERE update_secret_sealed IS NOT NULL")
+            .await,
+        0
     );
 }

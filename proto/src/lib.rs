@@ -18,6 +18,7 @@ pub mod v1 {
     tonic::include_proto!("mabe.v1");
 }
 
+pub mod bundle;
 pub mod signing;
 
 /// Largest gRPC message either side accepts (4 MiB: a directory of a few

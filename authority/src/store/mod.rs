@@ -209,6 +209,89 @@ pub struct RequestRecord {
     pub note: Option<String>,
 }
 
+/// State of a rotation job.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RotationState {
+    /// Stored rows may still be at the old version; the sealed update secret is kept.
+    Pending,
+    /// Every stored row was updated; the update secret is erased.
+    Done,
+}
+
+impl RotationState {
+    /// Stable text form stored in the database.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RotationState::Pending => "pending",
+            RotationState::Done => "done",
+        }
+    }
+    /// Parse the stored text form.
+    pub fn parse(s: &str) -> StoreResult<Self> {
+        match s {
+            "pending" => Ok(RotationState::Pending),
+            "done" => Ok(RotationState::Done),
+            other => Err(StoreError::Corrupt(format!(
+                "unknown rotation state {other:?}"
+            ))),
+        }
+    }
+}
+
+/// What a rotation stores beside the new attribute version.
+#[derive(Clone, PartialEq, Eq)]
+pub struct NewRotation {
+    /// Why (e.g. `revoke <gid>`, `expired emergency grants`).
+    pub reason: String,
+    /// Encoded `UpdateSecret` (kind 'U') sealed under the KEK with AD binding
+    /// (authority, attribute, from-version).
+    pub update_secret_sealed: Vec<u8>,
+}
+
+impl fmt::Debug for NewRotation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NewRotation")
+            .field("reason", &self.reason)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A rotation job: the state machine the revocation flow drives (freeze and
+/// snapshot at each proxy, tokens, re-issue), persisted so it survives crashes.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RotationRecord {
+    /// Database-assigned id.
+    pub id: i64,
+    /// Canonical attribute text.
+    pub attribute: String,
+    /// Version rows move away from.
+    pub from_version: u32,
+    /// Version they move to (`from_version + 1`).
+    pub to_version: u32,
+    /// State.
+    pub state: RotationState,
+    /// Why the rotation happened.
+    pub reason: String,
+    /// The sealed update secret while pending; `None` once erased.
+    pub update_secret_sealed: Option<Vec<u8>>,
+    /// Unix seconds.
+    pub created_at: i64,
+    /// Unix seconds, once done.
+    pub finished_at: Option<i64>,
+}
+
+impl fmt::Debug for RotationRecord {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RotationRecord")
+            .field("id", &self.id)
+            .field("attribute", &self.attribute)
+            .field("from_version", &self.from_version)
+            .field("state", &self.state)
+            .field("secret_present", &self.update_secret_sealed.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
 /// What an audit entry records. The store assigns `seq`, links the hash chain
 /// and stores it in the same transaction as the change it describes.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -267,9 +350,26 @@ pub trait Store: Send + Sync + fmt::Debug {
 
     /// Create version 1 of a new attribute (`AlreadyExists` if any version exists).
     async fn create_attribute(&self, rec: &AttributeRecord, ev: AuditEvent) -> StoreResult<()>;
-    /// Add `rec` (version n+1) as current and mark version n superseded, atomically.
-    /// `Conflict` unless `rec.version` is exactly the current version + 1.
-    async fn rotate_attribute(&self, rec: &AttributeRecord, ev: AuditEvent) -> StoreResult<()>;
+    /// Add `rec` (version n+1) as current, mark version n superseded, and
+    /// create the pending rotation job holding the sealed update secret, all
+    /// atomically. `Conflict` unless `rec.version` is exactly the current
+    /// version + 1.
+    async fn rotate_attribute(
+        &self,
+        rec: &AttributeRecord,
+        rotation: &NewRotation,
+        ev: AuditEvent,
+    ) -> StoreResult<RotationRecord>;
+    /// Rotation jobs, oldest first; only pending ones if `pending_only`.
+    async fn rotations(&self, pending_only: bool) -> StoreResult<Vec<RotationRecord>>;
+    /// Mark a pending rotation done and erase its update secret
+    /// (`NotFound` for an unknown id, `Conflict` if already done).
+    async fn finish_rotation(
+        &self,
+        id: i64,
+        finished_at: i64,
+        ev: AuditEvent,
+    ) -> StoreResult<RotationRecord>;
     /// Every version of every attribute, ordered by attribute then version.
     async fn attributes(&self) -> StoreResult<Vec<AttributeRecord>>;
     /// Every version of one attribute, ordered by version.

@@ -19,14 +19,21 @@ use tokio_postgres::types::FromSql;
 use tokio_postgres::{Client, NoTls, Row, Transaction};
 
 use super::{
-    AttributeRecord, AuditEntry, AuditEvent, AuthorityMeta, Checkpoint, GrantRecord, PersonRecord,
-    RequestRecord, RequestState, Store, StoreError, StoreResult, VersionState,
+    AttributeRecord, AuditEntry, AuditEvent, AuthorityMeta, Checkpoint, GrantRecord, NewRotation,
+    PersonRecord, RequestRecord, RequestState, RotationRecord, RotationState, Store, StoreError,
+    StoreResult, VersionState,
 };
 use crate::audit::entry_hash;
 
 /// Schema migrations, in order: (version, SQL). Missing ones are applied in
 /// one transaction together with their `schema_version` rows.
-const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("../../migrations/postgres/0001_init.sql"))];
+const MIGRATIONS: &[(i64, &str)] = &[
+    (1, include_str!("../../migrations/postgres/0001_init.sql")),
+    (
+        2,
+        include_str!("../../migrations/postgres/0002_rotations.sql"),
+    ),
+];
 
 /// Largest number of pooled connections.
 pub const MAX_CONNECTIONS: usize = 16;
@@ -267,6 +274,27 @@ fn request_from(r: &Row) -> StoreResult<RequestRecord> {
         decided_by: get(r, 6)?,
         decided_at: get(r, 7)?,
         note: get(r, 8)?,
+    })
+}
+
+const ROTATION_COLS: &str = "id, attribute, from_version, to_version, state, reason,
+     update_secret_sealed, created_at, finished_at";
+
+fn rotation_from(r: &Row) -> StoreResult<RotationRecord> {
+    let id: i64 = get(r, 0)?;
+    let version = |v: i64| {
+        u32::try_from(v).map_err(|_| StoreError::Corrupt(format!("rotation {id} version {v}")))
+    };
+    Ok(RotationRecord {
+        id,
+        attribute: get(r, 1)?,
+        from_version: version(get(r, 2)?)?,
+        to_version: version(get(r, 3)?)?,
+        state: RotationState::parse(get(r, 4)?)?,
+        reason: get(r, 5)?,
+        update_secret_sealed: get(r, 6)?,
+        created_at: get(r, 7)?,
+        finished_at: get(r, 8)?,
     })
 }
 
@@ -515,7 +543,12 @@ impl Store for PgStore {
         tx.commit().await.map_err(pg_err)
     }
 
-    async fn rotate_attribute(&self, rec: &AttributeRecord, ev: AuditEvent) -> StoreResult<()> {
+    async fn rotate_attribute(
+        &self,
+        rec: &AttributeRecord,
+        rotation: &NewRotation,
+        ev: AuditEvent,
+    ) -> StoreResult<RotationRecord> {
         let mut client = self.client().await?;
         let tx = begin_audited(&mut client).await?;
         let row = tx
@@ -550,8 +583,80 @@ impl Store for PgStore {
         .await
         .map_err(pg_err)?;
         insert_attribute_version(&tx, rec).await?;
+        let row = tx
+            .query_one(
+                &format!(
+                    "INSERT INTO rotations (attribute, from_version, to_version, state, reason,
+                         update_secret_sealed, created_at)
+                     VALUES ($1, $2, $3, 'pending', $4, $5, $6) RETURNING {ROTATION_COLS}"
+                ),
+                &[
+                    &rec.attribute,
+                    &current,
+                    &i64::from(rec.version),
+                    &rotation.reason,
+                    &rotation.update_secret_sealed,
+                    &rec.created_at,
+                ],
+            )
+            .await
+            .map_err(pg_err)?;
+        let out = rotation_from(&row)?;
         append(&tx, &ev).await?;
-        tx.commit().await.map_err(pg_err)
+        tx.commit().await.map_err(pg_err)?;
+        Ok(out)
+    }
+
+    async fn rotations(&self, pending_only: bool) -> StoreResult<Vec<RotationRecord>> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT {ROTATION_COLS} FROM rotations
+                     WHERE NOT $1 OR state = 'pending' ORDER BY id"
+                ),
+                &[&pending_only],
+            )
+            .await
+            .map_err(pg_err)?;
+        rows.iter().map(rotation_from).collect()
+    }
+
+    async fn finish_rotation(
+        &self,
+        id: i64,
+        finished_at: i64,
+        ev: AuditEvent,
+    ) -> StoreResult<RotationRecord> {
+        let mut client = self.client().await?;
+        let tx = begin_audited(&mut client).await?;
+        let row = tx
+            .query_opt(
+                &format!("SELECT {ROTATION_COLS} FROM rotations WHERE id = $1 FOR UPDATE"),
+                &[&id],
+            )
+            .await
+            .map_err(pg_err)?
+            .ok_or_else(|| StoreError::NotFound(format!("rotation {id}")))?;
+        if rotation_from(&row)?.state == RotationState::Done {
+            return Err(StoreError::Conflict(format!(
+                "rotation {id} is already done"
+            )));
+        }
+        let row = tx
+            .query_one(
+                &format!(
+                    "UPDATE rotations SET state = 'done', update_secret_sealed = NULL,
+                         finished_at = $1 WHERE id = $2 RETURNING {ROTATION_COLS}"
+                ),
+                &[&finished_at, &id],
+            )
+            .await
+            .map_err(pg_err)?;
+        let out = rotation_from(&row)?;
+        append(&tx, &ev).await?;
+        tx.commit().await.map_err(pg_err)?;
+        Ok(out)
     }
 
     async fn attributes(&self) -> StoreResult<Vec<AttributeRecord>> {

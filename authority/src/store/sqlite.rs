@@ -19,14 +19,21 @@ use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 
 use super::{
-    AttributeRecord, AuditEntry, AuditEvent, AuthorityMeta, Checkpoint, GrantRecord, PersonRecord,
-    RequestRecord, RequestState, Store, StoreError, StoreResult, VersionState,
+    AttributeRecord, AuditEntry, AuditEvent, AuthorityMeta, Checkpoint, GrantRecord, NewRotation,
+    PersonRecord, RequestRecord, RequestState, RotationRecord, RotationState, Store, StoreError,
+    StoreResult, VersionState,
 };
 use crate::audit::entry_hash;
 
 /// Schema migrations, in order: (version, SQL). Each is applied once, in its
 /// own transaction together with its `schema_version` row.
-const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("../../migrations/sqlite/0001_init.sql"))];
+const MIGRATIONS: &[(i64, &str)] = &[
+    (1, include_str!("../../migrations/sqlite/0001_init.sql")),
+    (
+        2,
+        include_str!("../../migrations/sqlite/0002_rotations.sql"),
+    ),
+];
 
 /// How long a writer waits for another process's write lock.
 const BUSY_TIMEOUT: Duration = Duration::from_millis(5000);
@@ -371,6 +378,66 @@ fn request_from(raw: RawRequest) -> StoreResult<RequestRecord> {
     })
 }
 
+const ROTATION_COLS: &str = "id, attribute, from_version, to_version, state, reason,
+     update_secret_sealed, created_at, finished_at";
+
+type RawRotation = (
+    i64,
+    String,
+    i64,
+    i64,
+    String,
+    String,
+    Option<Vec<u8>>,
+    i64,
+    Option<i64>,
+);
+
+fn rotation_row(r: &Row<'_>) -> rusqlite::Result<RawRotation> {
+    Ok((
+        r.get(0)?,
+        r.get(1)?,
+        r.get(2)?,
+        r.get(3)?,
+        r.get(4)?,
+        r.get(5)?,
+        r.get(6)?,
+        r.get(7)?,
+        r.get(8)?,
+    ))
+}
+
+fn rotation_from(raw: RawRotation) -> StoreResult<RotationRecord> {
+    let (id, attribute, from, to, state, reason, sealed, created_at, finished_at) = raw;
+    let version = |v: i64| {
+        u32::try_from(v).map_err(|_| StoreError::Corrupt(format!("rotation {id} version {v}")))
+    };
+    Ok(RotationRecord {
+        id,
+        attribute,
+        from_version: version(from)?,
+        to_version: version(to)?,
+        state: RotationState::parse(&state)?,
+        reason,
+        update_secret_sealed: sealed,
+        created_at,
+        finished_at,
+    })
+}
+
+fn rotation_by_id(conn: &Connection, id: i64) -> StoreResult<RotationRecord> {
+    query_all(
+        conn,
+        &format!("SELECT {ROTATION_COLS} FROM rotations WHERE id = ?1"),
+        params![id],
+        rotation_row,
+        rotation_from,
+    )?
+    .into_iter()
+    .next()
+    .ok_or_else(|| StoreError::NotFound(format!("rotation {id}")))
+}
+
 const AUDIT_COLS: &str = "seq, ts, kind, actor, subject, attribute, detail, prev_hash, hash";
 
 type RawAudit = (
@@ -638,8 +705,14 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn rotate_attribute(&self, rec: &AttributeRecord, ev: AuditEvent) -> StoreResult<()> {
+    async fn rotate_attribute(
+        &self,
+        rec: &AttributeRecord,
+        rotation: &NewRotation,
+        ev: AuditEvent,
+    ) -> StoreResult<RotationRecord> {
         let rec = rec.clone();
+        let rotation = rotation.clone();
         self.write(move |tx| {
             let current: Option<i64> = tx
                 .prepare_cached("SELECT MAX(version) FROM attributes WHERE attribute = ?1")
@@ -683,8 +756,66 @@ impl Store for SqliteStore {
                 rec.created_at
             ])
             .map_err(db_err)?;
+            tx.prepare_cached(
+                "INSERT INTO rotations (attribute, from_version, to_version, state, reason,
+                     update_secret_sealed, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )
+            .map_err(db_err)?
+            .execute(params![
+                rec.attribute,
+                current,
+                i64::from(rec.version),
+                RotationState::Pending.as_str(),
+                rotation.reason,
+                rotation.update_secret_sealed,
+                rec.created_at
+            ])
+            .map_err(db_err)?;
+            let id = tx.last_insert_rowid();
             append(tx, &ev)?;
-            Ok(())
+            rotation_by_id(tx, id)
+        })
+        .await
+    }
+
+    async fn rotations(&self, pending_only: bool) -> StoreResult<Vec<RotationRecord>> {
+        self.call(move |conn| {
+            query_all(
+                conn,
+                &format!(
+                    "SELECT {ROTATION_COLS} FROM rotations
+                     WHERE ?1 = 0 OR state = 'pending' ORDER BY id"
+                ),
+                params![i64::from(pending_only)],
+                rotation_row,
+                rotation_from,
+            )
+        })
+        .await
+    }
+
+    async fn finish_rotation(
+        &self,
+        id: i64,
+        finished_at: i64,
+        ev: AuditEvent,
+    ) -> StoreResult<RotationRecord> {
+        self.write(move |tx| {
+            let current = rotation_by_id(tx, id)?;
+            if current.state == RotationState::Done {
+                return Err(StoreError::Conflict(format!(
+                    "rotation {id} is already done"
+                )));
+            }
+            tx.prepare_cached(
+                "UPDATE rotations SET state = 'done', update_secret_sealed = NULL,
+                     finished_at = ?1 WHERE id = ?2",
+            )
+            .map_err(db_err)?
+            .execute(params![finished_at, id])
+            .map_err(db_err)?;
+            append(tx, &ev)?;
+            rotation_by_id(tx, id)
         })
         .await
     }
