@@ -44,7 +44,105 @@ const BUSY_TIMEOUT: Duration = Duration::from_millis(5000);
 #[derive(Clone)]
 pub struct SqliteStore {
     conn: Arc<Mutex<Connection>>,
+    /// Writes waiting for the next group commit.
+    pending: Arc<Mutex<Vec<Box<dyn PendingWrite>>>>,
     location: Arc<str>,
+}
+
+/// Most writes committed in one transaction (bounds the latency of the first).
+const MAX_GROUP: usize = 512;
+
+/// How a write is answered once the commit's outcome is known
+/// (`None`: committed; `Some(reason)`: the commit failed).
+type Answer = Box<dyn FnOnce(Option<&str>) + Send>;
+
+/// A queued write: runs inside the group's transaction (in its own
+/// savepoint) and is answered only once the group has committed.
+trait PendingWrite: Send {
+    /// Run in the open transaction; returns how to answer once the commit's
+    /// outcome is known (`None`: committed).
+    fn run(self: Box<Self>, conn: &Connection) -> Answer;
+    /// Answer without running (the connection is unusable).
+    fn fail(self: Box<Self>, why: &str);
+}
+
+struct WriteJob<T, F> {
+    f: F,
+    reply: tokio::sync::oneshot::Sender<StoreResult<T>>,
+}
+
+impl<T, F> PendingWrite for WriteJob<T, F>
+where
+    T: Send + 'static,
+    F: FnOnce(&Connection) -> StoreResult<T> + Send + 'static,
+{
+    fn run(self: Box<Self>, conn: &Connection) -> Answer {
+        let WriteJob { f, reply } = *self;
+        let result = in_savepoint(conn, f);
+        Box::new(move |commit_error: Option<&str>| {
+            let out = match commit_error {
+                None => result,
+                Some(e) => Err(StoreError::Backend(format!("commit failed: {e}"))),
+            };
+            let _ = reply.send(out);
+        })
+    }
+
+    fn fail(self: Box<Self>, why: &str) {
+        let _ = self.reply.send(Err(StoreError::Backend(why.to_owned())));
+    }
+}
+
+/// Run `f` in a savepoint: released if it succeeds, rolled back (leaving the
+/// rest of the group intact) if it fails.
+fn in_savepoint<T>(
+    conn: &Connection,
+    f: impl FnOnce(&Connection) -> StoreResult<T>,
+) -> StoreResult<T> {
+    conn.execute_batch("SAVEPOINT mabe_write").map_err(db_err)?;
+    match f(conn) {
+        Ok(v) => {
+            conn.execute_batch("RELEASE mabe_write").map_err(db_err)?;
+            Ok(v)
+        }
+        Err(e) => {
+            let _ = conn.execute_batch("ROLLBACK TO mabe_write; RELEASE mabe_write");
+            Err(e)
+        }
+    }
+}
+
+/// Commit every queued write in groups: one `BEGIN IMMEDIATE … COMMIT` (one
+/// fsync) per group instead of one per write.
+fn drain_groups(conn: &Connection, pending: &Mutex<Vec<Box<dyn PendingWrite>>>) {
+    loop {
+        let jobs: Vec<Box<dyn PendingWrite>> = match pending.lock() {
+            Ok(mut q) => {
+                let n = q.len().min(MAX_GROUP);
+                q.drain(..n).collect()
+            }
+            Err(_) => return,
+        };
+        if jobs.is_empty() {
+            return;
+        }
+        if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+            let why = format!("cannot start a transaction: {e}");
+            for j in jobs {
+                j.fail(&why);
+            }
+            continue;
+        }
+        let answers: Vec<_> = jobs.into_iter().map(|j| j.run(conn)).collect();
+        match conn.execute_batch("COMMIT") {
+            Ok(()) => answers.into_iter().for_each(|a| a(None)),
+            Err(e) => {
+                let _ = conn.execute_batch("ROLLBACK");
+                let why = e.to_string();
+                answers.into_iter().for_each(|a| a(Some(&why)));
+            }
+        }
+    }
 }
 
 impl fmt::Debug for SqliteStore {
@@ -109,6 +207,7 @@ impl SqliteStore {
         migrate(&mut conn)?;
         Ok(SqliteStore {
             conn: Arc::new(Mutex::new(conn)),
+            pending: Arc::new(Mutex::new(Vec::new())),
             location: location.into(),
         })
     }
@@ -133,22 +232,38 @@ impl SqliteStore {
         .map_err(|e| StoreError::Backend(format!("SQLite worker task failed: {e}")))?
     }
 
-    /// Run `f` inside one `BEGIN IMMEDIATE` transaction, committed if `f`
-    /// succeeds and rolled back otherwise.
+    /// Run `f` as one atomic write, with group commit: writes that arrive
+    /// while a transaction is committing are queued, and the next worker to
+    /// get the connection commits all of them in one transaction, each in its
+    /// own savepoint (a failing write rolls back alone). Every caller is
+    /// answered only after the transaction holding its write has committed.
     async fn write<T, F>(&self, f: F) -> StoreResult<T>
     where
         T: Send + 'static,
         F: FnOnce(&Connection) -> StoreResult<T> + Send + 'static,
     {
-        self.call(move |conn| {
-            let tx = conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)
-                .map_err(db_err)?;
-            let out = f(&tx)?;
-            tx.commit().map_err(db_err)?;
-            Ok(out)
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.pending
+            .lock()
+            .map_err(|_| StoreError::Backend("the SQLite write queue is unusable".to_owned()))?
+            .push(Box::new(WriteJob { f, reply }));
+        let conn = Arc::clone(&self.conn);
+        let pending = Arc::clone(&self.pending);
+        tokio::task::spawn_blocking(move || match conn.lock() {
+            Ok(guard) => drain_groups(&guard, &pending),
+            Err(_) => {
+                if let Ok(mut q) = pending.lock() {
+                    for j in q.drain(..) {
+                        j.fail("the SQLite connection is unusable: a previous operation panicked while holding it");
+                    }
+                }
+            }
         })
         .await
+        .map_err(|e| StoreError::Backend(format!("SQLite worker task failed: {e}")))?;
+        answer
+            .await
+            .map_err(|_| StoreError::Backend("the write was dropped before it ran".to_owned()))?
     }
 }
 
