@@ -10,6 +10,9 @@
 //! the primary key, as a second line of defence.
 
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -53,6 +56,80 @@ pub const MIGRATION_LOCK_KEY: i64 = 0x6d61_6265_6d69_6772;
 pub struct PgStore {
     pool: Pool,
     database: String,
+    /// Writes waiting for the next group commit.
+    pending: Arc<std::sync::Mutex<Vec<Box<dyn PgPendingWrite>>>>,
+    /// One group in flight per process (the advisory lock orders processes).
+    writer: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// Most writes committed in one transaction.
+const MAX_GROUP: usize = 512;
+
+/// A write's body: runs on the group's transaction (in its own savepoint).
+type PgFuture<'a, T> = Pin<Box<dyn Future<Output = StoreResult<T>> + Send + 'a>>;
+
+/// How a write is answered once its group's commit outcome is known.
+type Answer = Box<dyn FnOnce(Option<&str>) + Send>;
+
+/// A queued write.
+trait PgPendingWrite: Send {
+    /// Run in the open transaction, in a savepoint.
+    fn run<'a>(
+        self: Box<Self>,
+        tx: &'a Transaction<'a>,
+    ) -> Pin<Box<dyn Future<Output = Answer> + Send + 'a>>;
+    /// Answer without running.
+    fn fail(self: Box<Self>, why: &str);
+}
+
+struct PgWriteJob<T, F> {
+    f: F,
+    reply: tokio::sync::oneshot::Sender<StoreResult<T>>,
+}
+
+impl<T, F> PgPendingWrite for PgWriteJob<T, F>
+where
+    T: Send + 'static,
+    F: for<'a> FnOnce(&'a Transaction<'a>) -> PgFuture<'a, T> + Send + 'static,
+{
+    fn run<'a>(
+        self: Box<Self>,
+        tx: &'a Transaction<'a>,
+    ) -> Pin<Box<dyn Future<Output = Answer> + Send + 'a>> {
+        let PgWriteJob { f, reply } = *self;
+        Box::pin(async move {
+            let result = match tx.batch_execute("SAVEPOINT mabe_write").await {
+                Err(e) => Err(pg_err(e)),
+                Ok(()) => {
+                    match f(tx).await {
+                        Ok(v) => tx
+                            .batch_execute("RELEASE SAVEPOINT mabe_write")
+                            .await
+                            .map(|()| v)
+                            .map_err(pg_err),
+                        Err(e) => {
+                            let _ = tx
+                            .batch_execute("ROLLBACK TO SAVEPOINT mabe_write; RELEASE SAVEPOINT mabe_write")
+                            .await;
+                            Err(e)
+                        }
+                    }
+                }
+            };
+            let answer: Answer = Box::new(move |commit_error: Option<&str>| {
+                let out = match commit_error {
+                    None => result,
+                    Some(e) => Err(StoreError::Backend(format!("commit failed: {e}"))),
+                };
+                let _ = reply.send(out);
+            });
+            answer
+        })
+    }
+
+    fn fail(self: Box<Self>, why: &str) {
+        let _ = self.reply.send(Err(StoreError::Backend(why.to_owned())));
+    }
 }
 
 impl fmt::Debug for PgStore {
@@ -91,10 +168,81 @@ impl PgStore {
             .max_size(MAX_CONNECTIONS)
             .build()
             .map_err(|e| StoreError::Backend(format!("cannot build the connection pool: {e}")))?;
-        let store = PgStore { pool, database };
+        let store = PgStore {
+            pool,
+            database,
+            pending: Arc::new(std::sync::Mutex::new(Vec::new())),
+            writer: Arc::new(tokio::sync::Mutex::new(())),
+        };
         let mut client = store.client().await?;
         migrate(&mut client).await?;
         Ok(store)
+    }
+
+    /// Run `f` as one atomic audited write, with group commit: writes that
+    /// arrive while a group is committing are queued and the next leader
+    /// commits up to 512 of them in one transaction (one advisory lock, one
+    /// WAL flush), each in its own savepoint so a failing write rolls back
+    /// alone. Callers are answered only after their group committed.
+    async fn write<T, F>(&self, f: F) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: for<'a> FnOnce(&'a Transaction<'a>) -> PgFuture<'a, T> + Send + 'static,
+    {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.pending
+            .lock()
+            .map_err(|_| StoreError::Backend("the write queue is unusable".to_owned()))?
+            .push(Box::new(PgWriteJob { f, reply }));
+        {
+            let _leader = self.writer.lock().await;
+            self.drain_groups().await;
+        }
+        answer
+            .await
+            .map_err(|_| StoreError::Backend("the write was dropped before it ran".to_owned()))?
+    }
+
+    async fn drain_groups(&self) {
+        loop {
+            let jobs: Vec<Box<dyn PgPendingWrite>> = match self.pending.lock() {
+                Ok(mut q) => {
+                    let n = q.len().min(MAX_GROUP);
+                    q.drain(..n).collect()
+                }
+                Err(_) => return,
+            };
+            if jobs.is_empty() {
+                return;
+            }
+            let mut client = match self.client().await {
+                Ok(c) => c,
+                Err(e) => {
+                    let why = e.to_string();
+                    jobs.into_iter().for_each(|j| j.fail(&why));
+                    continue;
+                }
+            };
+            let tx = match begin_audited(&mut client).await {
+                Ok(tx) => tx,
+                Err(e) => {
+                    let why = e.to_string();
+                    jobs.into_iter().for_each(|j| j.fail(&why));
+                    continue;
+                }
+            };
+            let mut answers = Vec::with_capacity(jobs.len());
+            for j in jobs {
+                answers.push(j.run(&tx).await);
+            }
+            match tx.commit().await {
+                Ok(()) => answers.into_iter().for_each(|a| a(None)),
+                Err(e) => {
+                    let why = e.to_string();
+                    answers.into_iter().for_each(|a| a(Some(&why)));
+                }
+            }
+        }
     }
 
     async fn client(&self) -> StoreResult<deadpool_postgres::Object> {
@@ -486,32 +634,38 @@ impl Store for PgStore {
     }
 
     async fn init_meta(&self, meta: &AuthorityMeta, ev: AuditEvent) -> StoreResult<()> {
-        let mut client = self.client().await?;
-        let tx = begin_audited(&mut client).await?;
-        if tx
-            .query_opt("SELECT 1 FROM meta", &[])
-            .await
-            .map_err(pg_err)?
-            .is_some()
-        {
-            return Err(StoreError::AlreadyExists(
-                "the authority is already initialised".to_owned(),
-            ));
-        }
-        tx.execute(
-            &format!("INSERT INTO meta (id, {META_COLS}) VALUES (1, $1, $2, $3, $4, $5)"),
-            &[
-                &meta.authority_id,
-                &meta.identity_public_key.as_slice(),
-                &meta.identity_secret_sealed,
-                &meta.admin_public_key.as_slice(),
-                &meta.created_at,
-            ],
-        )
+        let meta_owned: AuthorityMeta = meta.clone();
+        self.write(move |tx| {
+            Box::pin(async move {
+                let meta: &AuthorityMeta = &meta_owned;
+
+                if tx
+                    .query_opt("SELECT 1 FROM meta", &[])
+                    .await
+                    .map_err(pg_err)?
+                    .is_some()
+                {
+                    return Err(StoreError::AlreadyExists(
+                        "the authority is already initialised".to_owned(),
+                    ));
+                }
+                tx.execute(
+                    &format!("INSERT INTO meta (id, {META_COLS}) VALUES (1, $1, $2, $3, $4, $5)"),
+                    &[
+                        &meta.authority_id,
+                        &meta.identity_public_key.as_slice(),
+                        &meta.identity_secret_sealed,
+                        &meta.admin_public_key.as_slice(),
+                        &meta.created_at,
+                    ],
+                )
+                .await
+                .map_err(pg_err)?;
+                append(tx, &ev).await?;
+                Ok(())
+            })
+        })
         .await
-        .map_err(pg_err)?;
-        append(&tx, &ev).await?;
-        tx.commit().await.map_err(pg_err)
     }
 
     async fn meta(&self) -> StoreResult<Option<AuthorityMeta>> {
@@ -530,17 +684,23 @@ impl Store for PgStore {
                 rec.version
             )));
         }
-        let mut client = self.client().await?;
-        let tx = begin_audited(&mut client).await?;
-        if attribute_known(&tx, &rec.attribute).await? {
-            return Err(StoreError::AlreadyExists(format!(
-                "attribute {} already exists",
-                rec.attribute
-            )));
-        }
-        insert_attribute_version(&tx, rec).await?;
-        append(&tx, &ev).await?;
-        tx.commit().await.map_err(pg_err)
+        let rec_owned: AttributeRecord = rec.clone();
+        self.write(move |tx| {
+            Box::pin(async move {
+                let rec: &AttributeRecord = &rec_owned;
+
+                if attribute_known(tx, &rec.attribute).await? {
+                    return Err(StoreError::AlreadyExists(format!(
+                        "attribute {} already exists",
+                        rec.attribute
+                    )));
+                }
+                insert_attribute_version(tx, rec).await?;
+                append(tx, &ev).await?;
+                Ok(())
+            })
+        })
+        .await
     }
 
     async fn rotate_attribute(
@@ -549,62 +709,69 @@ impl Store for PgStore {
         rotation: &NewRotation,
         ev: AuditEvent,
     ) -> StoreResult<RotationRecord> {
-        let mut client = self.client().await?;
-        let tx = begin_audited(&mut client).await?;
-        let row = tx
-            .query_one(
-                "SELECT MAX(version) FROM attributes WHERE attribute = $1",
-                &[&rec.attribute],
-            )
-            .await
-            .map_err(pg_err)?;
-        let Some(current): Option<i64> = get(&row, 0)? else {
-            return Err(StoreError::NotFound(format!(
-                "attribute {} does not exist",
-                rec.attribute
-            )));
-        };
-        if current.checked_add(1) != Some(i64::from(rec.version)) {
-            return Err(StoreError::Conflict(format!(
-                "attribute {} is at version {current}; the next version is {}, not {}",
-                rec.attribute,
-                current.saturating_add(1),
-                rec.version
-            )));
-        }
-        tx.execute(
-            "UPDATE attributes SET state = $1 WHERE attribute = $2 AND state = $3",
-            &[
-                &VersionState::Superseded.as_str(),
-                &rec.attribute,
-                &VersionState::Current.as_str(),
-            ],
-        )
-        .await
-        .map_err(pg_err)?;
-        insert_attribute_version(&tx, rec).await?;
-        let row = tx
-            .query_one(
-                &format!(
+        let rec_owned: AttributeRecord = rec.clone();
+        let rotation_owned: NewRotation = rotation.clone();
+        self.write(move |tx| {
+            Box::pin(async move {
+                let rec: &AttributeRecord = &rec_owned;
+                let rotation: &NewRotation = &rotation_owned;
+
+                let row = tx
+                    .query_one(
+                        "SELECT MAX(version) FROM attributes WHERE attribute = $1",
+                        &[&rec.attribute],
+                    )
+                    .await
+                    .map_err(pg_err)?;
+                let Some(current): Option<i64> = get(&row, 0)? else {
+                    return Err(StoreError::NotFound(format!(
+                        "attribute {} does not exist",
+                        rec.attribute
+                    )));
+                };
+                if current.checked_add(1) != Some(i64::from(rec.version)) {
+                    return Err(StoreError::Conflict(format!(
+                        "attribute {} is at version {current}; the next version is {}, not {}",
+                        rec.attribute,
+                        current.saturating_add(1),
+                        rec.version
+                    )));
+                }
+                tx.execute(
+                    "UPDATE attributes SET state = $1 WHERE attribute = $2 AND state = $3",
+                    &[
+                        &VersionState::Superseded.as_str(),
+                        &rec.attribute,
+                        &VersionState::Current.as_str(),
+                    ],
+                )
+                .await
+                .map_err(pg_err)?;
+                insert_attribute_version(tx, rec).await?;
+                let row = tx
+                    .query_one(
+                        &format!(
                     "INSERT INTO rotations (attribute, from_version, to_version, state, reason,
                          update_secret_sealed, created_at)
                      VALUES ($1, $2, $3, 'pending', $4, $5, $6) RETURNING {ROTATION_COLS}"
                 ),
-                &[
-                    &rec.attribute,
-                    &current,
-                    &i64::from(rec.version),
-                    &rotation.reason,
-                    &rotation.update_secret_sealed,
-                    &rec.created_at,
-                ],
-            )
-            .await
-            .map_err(pg_err)?;
-        let out = rotation_from(&row)?;
-        append(&tx, &ev).await?;
-        tx.commit().await.map_err(pg_err)?;
-        Ok(out)
+                        &[
+                            &rec.attribute,
+                            &current,
+                            &i64::from(rec.version),
+                            &rotation.reason,
+                            &rotation.update_secret_sealed,
+                            &rec.created_at,
+                        ],
+                    )
+                    .await
+                    .map_err(pg_err)?;
+                let out = rotation_from(&row)?;
+                append(tx, &ev).await?;
+                Ok(out)
+            })
+        })
+        .await
     }
 
     async fn rotations(&self, pending_only: bool) -> StoreResult<Vec<RotationRecord>> {
@@ -628,35 +795,37 @@ impl Store for PgStore {
         finished_at: i64,
         ev: AuditEvent,
     ) -> StoreResult<RotationRecord> {
-        let mut client = self.client().await?;
-        let tx = begin_audited(&mut client).await?;
-        let row = tx
-            .query_opt(
-                &format!("SELECT {ROTATION_COLS} FROM rotations WHERE id = $1 FOR UPDATE"),
-                &[&id],
-            )
-            .await
-            .map_err(pg_err)?
-            .ok_or_else(|| StoreError::NotFound(format!("rotation {id}")))?;
-        if rotation_from(&row)?.state == RotationState::Done {
-            return Err(StoreError::Conflict(format!(
-                "rotation {id} is already done"
-            )));
-        }
-        let row = tx
-            .query_one(
-                &format!(
-                    "UPDATE rotations SET state = 'done', update_secret_sealed = NULL,
+        self.write(move |tx| {
+            Box::pin(async move {
+                let row = tx
+                    .query_opt(
+                        &format!("SELECT {ROTATION_COLS} FROM rotations WHERE id = $1 FOR UPDATE"),
+                        &[&id],
+                    )
+                    .await
+                    .map_err(pg_err)?
+                    .ok_or_else(|| StoreError::NotFound(format!("rotation {id}")))?;
+                if rotation_from(&row)?.state == RotationState::Done {
+                    return Err(StoreError::Conflict(format!(
+                        "rotation {id} is already done"
+                    )));
+                }
+                let row = tx
+                    .query_one(
+                        &format!(
+                            "UPDATE rotations SET state = 'done', update_secret_sealed = NULL,
                          finished_at = $1 WHERE id = $2 RETURNING {ROTATION_COLS}"
-                ),
-                &[&finished_at, &id],
-            )
-            .await
-            .map_err(pg_err)?;
-        let out = rotation_from(&row)?;
-        append(&tx, &ev).await?;
-        tx.commit().await.map_err(pg_err)?;
-        Ok(out)
+                        ),
+                        &[&finished_at, &id],
+                    )
+                    .await
+                    .map_err(pg_err)?;
+                let out = rotation_from(&row)?;
+                append(tx, &ev).await?;
+                Ok(out)
+            })
+        })
+        .await
     }
 
     async fn attributes(&self) -> StoreResult<Vec<AttributeRecord>> {
@@ -686,42 +855,48 @@ impl Store for PgStore {
     }
 
     async fn enroll(&self, p: &PersonRecord, ev: AuditEvent) -> StoreResult<()> {
-        let mut client = self.client().await?;
-        let tx = begin_audited(&mut client).await?;
-        if person_known(&tx, &p.gid).await? {
-            return Err(StoreError::AlreadyExists(format!(
-                "person {} is already enrolled",
-                gid_hex(&p.gid)
-            )));
-        }
-        let taken = tx
-            .query_opt(
-                "SELECT 1 FROM people WHERE registry = $1 AND subject = $2",
-                &[&p.registry, &p.subject],
-            )
-            .await
-            .map_err(pg_err)?;
-        if taken.is_some() {
-            return Err(StoreError::AlreadyExists(format!(
-                "subject {:?} of registry {:?} is already enrolled under another GID",
-                p.subject, p.registry
-            )));
-        }
-        tx.execute(
-            &format!("INSERT INTO people ({PERSON_COLS}) VALUES ($1, $2, $3, $4, $5, $6)"),
-            &[
-                &p.gid.as_slice(),
-                &p.registry,
-                &p.subject,
-                &p.request_key.as_slice(),
-                &p.roles,
-                &p.enrolled_at,
-            ],
-        )
+        let p_owned: PersonRecord = p.clone();
+        self.write(move |tx| {
+            Box::pin(async move {
+                let p: &PersonRecord = &p_owned;
+
+                if person_known(tx, &p.gid).await? {
+                    return Err(StoreError::AlreadyExists(format!(
+                        "person {} is already enrolled",
+                        gid_hex(&p.gid)
+                    )));
+                }
+                let taken = tx
+                    .query_opt(
+                        "SELECT 1 FROM people WHERE registry = $1 AND subject = $2",
+                        &[&p.registry, &p.subject],
+                    )
+                    .await
+                    .map_err(pg_err)?;
+                if taken.is_some() {
+                    return Err(StoreError::AlreadyExists(format!(
+                        "subject {:?} of registry {:?} is already enrolled under another GID",
+                        p.subject, p.registry
+                    )));
+                }
+                tx.execute(
+                    &format!("INSERT INTO people ({PERSON_COLS}) VALUES ($1, $2, $3, $4, $5, $6)"),
+                    &[
+                        &p.gid.as_slice(),
+                        &p.registry,
+                        &p.subject,
+                        &p.request_key.as_slice(),
+                        &p.roles,
+                        &p.enrolled_at,
+                    ],
+                )
+                .await
+                .map_err(pg_err)?;
+                append(tx, &ev).await?;
+                Ok(())
+            })
+        })
         .await
-        .map_err(pg_err)?;
-        append(&tx, &ev).await?;
-        tx.commit().await.map_err(pg_err)
     }
 
     async fn person(&self, gid: &[u8; 32]) -> StoreResult<Option<PersonRecord>> {
@@ -749,20 +924,26 @@ impl Store for PgStore {
     }
 
     async fn grant(&self, g: &GrantRecord, ev: AuditEvent) -> StoreResult<()> {
-        let mut client = self.client().await?;
-        let tx = begin_audited(&mut client).await?;
-        person_exists(&tx, &g.gid).await?;
-        attribute_exists(&tx, &g.attribute).await?;
-        if active_grant_exists(&tx, &g.gid, &g.attribute).await? {
-            return Err(StoreError::AlreadyExists(format!(
-                "{} already holds an active grant of {}",
-                gid_hex(&g.gid),
-                g.attribute
-            )));
-        }
-        insert_grant(&tx, g).await?;
-        append(&tx, &ev).await?;
-        tx.commit().await.map_err(pg_err)
+        let g_owned: GrantRecord = g.clone();
+        self.write(move |tx| {
+            Box::pin(async move {
+                let g: &GrantRecord = &g_owned;
+
+                person_exists(tx, &g.gid).await?;
+                attribute_exists(tx, &g.attribute).await?;
+                if active_grant_exists(tx, &g.gid, &g.attribute).await? {
+                    return Err(StoreError::AlreadyExists(format!(
+                        "{} already holds an active grant of {}",
+                        gid_hex(&g.gid),
+                        g.attribute
+                    )));
+                }
+                insert_grant(tx, g).await?;
+                append(tx, &ev).await?;
+                Ok(())
+            })
+        })
+        .await
     }
 
     async fn revoke_grant(
@@ -771,24 +952,32 @@ impl Store for PgStore {
         attribute: &str,
         ev: AuditEvent,
     ) -> StoreResult<()> {
-        let mut client = self.client().await?;
-        let tx = begin_audited(&mut client).await?;
-        let changed = tx
-            .execute(
-                "UPDATE grants SET revoked_at = $1
+        let gid_owned: [u8; 32] = *gid;
+        let attribute_owned: String = attribute.to_owned();
+        self.write(move |tx| {
+            Box::pin(async move {
+                let gid: &[u8; 32] = &gid_owned;
+                let attribute: &str = &attribute_owned;
+
+                let changed = tx
+                    .execute(
+                        "UPDATE grants SET revoked_at = $1
                  WHERE gid = $2 AND attribute = $3 AND revoked_at IS NULL",
-                &[&ev.ts, &gid.as_slice(), &attribute],
-            )
-            .await
-            .map_err(pg_err)?;
-        if changed == 0 {
-            return Err(StoreError::NotFound(format!(
-                "{} holds no active grant of {attribute}",
-                gid_hex(gid)
-            )));
-        }
-        append(&tx, &ev).await?;
-        tx.commit().await.map_err(pg_err)
+                        &[&ev.ts, &gid.as_slice(), &attribute],
+                    )
+                    .await
+                    .map_err(pg_err)?;
+                if changed == 0 {
+                    return Err(StoreError::NotFound(format!(
+                        "{} holds no active grant of {attribute}",
+                        gid_hex(gid)
+                    )));
+                }
+                append(tx, &ev).await?;
+                Ok(())
+            })
+        })
+        .await
     }
 
     async fn grants_for(&self, gid: &[u8; 32]) -> StoreResult<Vec<GrantRecord>> {
@@ -829,38 +1018,47 @@ impl Store for PgStore {
         created_at: i64,
         ev: AuditEvent,
     ) -> StoreResult<RequestRecord> {
-        let mut client = self.client().await?;
-        let tx = begin_audited(&mut client).await?;
-        person_exists(&tx, gid).await?;
-        attribute_exists(&tx, attribute).await?;
-        let row = tx
-            .query_one(
-                "INSERT INTO requests (gid, attribute, reason, state, created_at)
+        let gid_owned: [u8; 32] = *gid;
+        let attribute_owned: String = attribute.to_owned();
+        let reason_owned: String = reason.to_owned();
+        self.write(move |tx| {
+            Box::pin(async move {
+                let gid: &[u8; 32] = &gid_owned;
+                let attribute: &str = &attribute_owned;
+                let reason: &str = &reason_owned;
+
+                person_exists(tx, gid).await?;
+                attribute_exists(tx, attribute).await?;
+                let row = tx
+                    .query_one(
+                        "INSERT INTO requests (gid, attribute, reason, state, created_at)
                  VALUES ($1, $2, $3, $4, $5) RETURNING id",
-                &[
-                    &gid.as_slice(),
-                    &attribute,
-                    &reason,
-                    &RequestState::Pending.as_str(),
-                    &created_at,
-                ],
-            )
-            .await
-            .map_err(pg_err)?;
-        let id: i64 = get(&row, 0)?;
-        append(&tx, &ev).await?;
-        tx.commit().await.map_err(pg_err)?;
-        Ok(RequestRecord {
-            id,
-            gid: *gid,
-            attribute: attribute.to_owned(),
-            reason: reason.to_owned(),
-            state: RequestState::Pending,
-            created_at,
-            decided_by: None,
-            decided_at: None,
-            note: None,
+                        &[
+                            &gid.as_slice(),
+                            &attribute,
+                            &reason,
+                            &RequestState::Pending.as_str(),
+                            &created_at,
+                        ],
+                    )
+                    .await
+                    .map_err(pg_err)?;
+                let id: i64 = get(&row, 0)?;
+                append(tx, &ev).await?;
+                Ok(RequestRecord {
+                    id,
+                    gid: *gid,
+                    attribute: attribute.to_owned(),
+                    reason: reason.to_owned(),
+                    state: RequestState::Pending,
+                    created_at,
+                    decided_by: None,
+                    decided_at: None,
+                    note: None,
+                })
+            })
         })
+        .await
     }
 
     async fn requests(&self, state: Option<RequestState>) -> StoreResult<Vec<RequestRecord>> {
@@ -888,57 +1086,64 @@ impl Store for PgStore {
         decided_at: i64,
         ev: AuditEvent,
     ) -> StoreResult<RequestRecord> {
-        let mut client = self.client().await?;
-        let tx = begin_audited(&mut client).await?;
-        let row = tx
-            .query_opt(
-                &format!("SELECT {REQUEST_COLS} FROM requests WHERE id = $1 FOR UPDATE"),
-                &[&id],
-            )
-            .await
-            .map_err(pg_err)?;
-        let Some(row) = row else {
-            return Err(StoreError::NotFound(format!("request {id} does not exist")));
-        };
-        let mut req = request_from(&row)?;
-        if req.state != RequestState::Pending {
-            return Err(StoreError::Conflict(format!(
-                "request {id} was already {}",
-                req.state.as_str()
-            )));
-        }
-        let state = if approve {
-            RequestState::Approved
-        } else {
-            RequestState::Denied
-        };
-        tx.execute(
-            "UPDATE requests SET state = $1, decided_by = $2, decided_at = $3, note = $4
+        let decided_by_owned: String = decided_by.to_owned();
+        let note_owned: String = note.to_owned();
+        self.write(move |tx| {
+            Box::pin(async move {
+                let decided_by: &str = &decided_by_owned;
+                let note: &str = &note_owned;
+
+                let row = tx
+                    .query_opt(
+                        &format!("SELECT {REQUEST_COLS} FROM requests WHERE id = $1 FOR UPDATE"),
+                        &[&id],
+                    )
+                    .await
+                    .map_err(pg_err)?;
+                let Some(row) = row else {
+                    return Err(StoreError::NotFound(format!("request {id} does not exist")));
+                };
+                let mut req = request_from(&row)?;
+                if req.state != RequestState::Pending {
+                    return Err(StoreError::Conflict(format!(
+                        "request {id} was already {}",
+                        req.state.as_str()
+                    )));
+                }
+                let state = if approve {
+                    RequestState::Approved
+                } else {
+                    RequestState::Denied
+                };
+                tx.execute(
+                    "UPDATE requests SET state = $1, decided_by = $2, decided_at = $3, note = $4
              WHERE id = $5",
-            &[&state.as_str(), &decided_by, &decided_at, &note, &id],
-        )
+                    &[&state.as_str(), &decided_by, &decided_at, &note, &id],
+                )
+                .await
+                .map_err(pg_err)?;
+                if approve && !active_grant_exists(tx, &req.gid, &req.attribute).await? {
+                    insert_grant(
+                        tx,
+                        &GrantRecord {
+                            gid: req.gid,
+                            attribute: req.attribute.clone(),
+                            granted_by: format!("request:{id}"),
+                            granted_at: decided_at,
+                            expires_at: None,
+                        },
+                    )
+                    .await?;
+                }
+                append(tx, &ev).await?;
+                req.state = state;
+                req.decided_by = Some(decided_by.to_owned());
+                req.decided_at = Some(decided_at);
+                req.note = Some(note.to_owned());
+                Ok(req)
+            })
+        })
         .await
-        .map_err(pg_err)?;
-        if approve && !active_grant_exists(&tx, &req.gid, &req.attribute).await? {
-            insert_grant(
-                &tx,
-                &GrantRecord {
-                    gid: req.gid,
-                    attribute: req.attribute.clone(),
-                    granted_by: format!("request:{id}"),
-                    granted_at: decided_at,
-                    expires_at: None,
-                },
-            )
-            .await?;
-        }
-        append(&tx, &ev).await?;
-        tx.commit().await.map_err(pg_err)?;
-        req.state = state;
-        req.decided_by = Some(decided_by.to_owned());
-        req.decided_at = Some(decided_at);
-        req.note = Some(note.to_owned());
-        Ok(req)
     }
 
     async fn use_nonce(
@@ -972,11 +1177,13 @@ impl Store for PgStore {
     }
 
     async fn append_audit(&self, ev: AuditEvent) -> StoreResult<AuditEntry> {
-        let mut client = self.client().await?;
-        let tx = begin_audited(&mut client).await?;
-        let entry = append(&tx, &ev).await?;
-        tx.commit().await.map_err(pg_err)?;
-        Ok(entry)
+        self.write(move |tx| {
+            Box::pin(async move {
+                let entry = append(tx, &ev).await?;
+                Ok(entry)
+            })
+        })
+        .await
     }
 
     async fn audit_entries(&self, from: i64, limit: i64) -> StoreResult<Vec<AuditEntry>> {
