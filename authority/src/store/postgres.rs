@@ -13,6 +13,7 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -58,8 +59,9 @@ pub struct PgStore {
     database: String,
     /// Writes waiting for the next group commit.
     pending: Arc<std::sync::Mutex<Vec<Box<dyn PgPendingWrite>>>>,
-    /// One group in flight per process (the advisory lock orders processes).
-    writer: Arc<tokio::sync::Mutex<()>>,
+    /// Whether a drain task is running (one per process; the advisory lock
+    /// orders processes).
+    draining: Arc<AtomicBool>,
 }
 
 /// Most writes committed in one transaction.
@@ -172,7 +174,7 @@ impl PgStore {
             pool,
             database,
             pending: Arc::new(std::sync::Mutex::new(Vec::new())),
-            writer: Arc::new(tokio::sync::Mutex::new(())),
+            draining: Arc::new(AtomicBool::new(false)),
         };
         let mut client = store.client().await?;
         migrate(&mut client).await?;
@@ -194,55 +196,39 @@ impl PgStore {
             .lock()
             .map_err(|_| StoreError::Backend("the write queue is unusable".to_owned()))?
             .push(Box::new(PgWriteJob { f, reply }));
-        {
-            let _leader = self.writer.lock().await;
-            self.drain_groups().await;
-        }
+        self.kick();
         answer
             .await
             .map_err(|_| StoreError::Backend("the write was dropped before it ran".to_owned()))?
     }
 
-    async fn drain_groups(&self) {
-        loop {
-            let jobs: Vec<Box<dyn PgPendingWrite>> = match self.pending.lock() {
-                Ok(mut q) => {
-                    let n = q.len().min(MAX_GROUP);
-                    q.drain(..n).collect()
-                }
-                Err(_) => return,
-            };
-            if jobs.is_empty() {
-                return;
-            }
-            let mut client = match self.client().await {
-                Ok(c) => c,
-                Err(e) => {
-                    let why = e.to_string();
-                    jobs.into_iter().for_each(|j| j.fail(&why));
-                    continue;
-                }
-            };
-            let tx = match begin_audited(&mut client).await {
-                Ok(tx) => tx,
-                Err(e) => {
-                    let why = e.to_string();
-                    jobs.into_iter().for_each(|j| j.fail(&why));
-                    continue;
-                }
-            };
-            let mut answers = Vec::with_capacity(jobs.len());
-            for j in jobs {
-                answers.push(j.run(&tx).await);
-            }
-            match tx.commit().await {
-                Ok(()) => answers.into_iter().for_each(|a| a(None)),
-                Err(e) => {
-                    let why = e.to_string();
-                    answers.into_iter().for_each(|a| a(Some(&why)));
-                }
-            }
+    /// Make sure a drain task is running (see the SQLite store's `kick`).
+    fn kick(&self) {
+        if self
+            .draining
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return;
         }
+        let pool = self.pool.clone();
+        let database = self.database.clone();
+        let pending = Arc::clone(&self.pending);
+        let draining = Arc::clone(&self.draining);
+        tokio::spawn(async move {
+            loop {
+                drain_groups(&pool, &database, &pending).await;
+                draining.store(false, Ordering::Release);
+                let more = pending.lock().map(|q| !q.is_empty()).unwrap_or(false);
+                if !more
+                    || draining
+                        .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+                        .is_err()
+                {
+                    return;
+                }
+            }
+        });
     }
 
     async fn client(&self) -> StoreResult<deadpool_postgres::Object> {
@@ -252,6 +238,53 @@ impl PgStore {
                 self.database
             ))
         })
+    }
+}
+
+/// Commit queued writes in groups until the queue is empty.
+async fn drain_groups(
+    pool: &Pool,
+    database: &str,
+    pending: &std::sync::Mutex<Vec<Box<dyn PgPendingWrite>>>,
+) {
+    loop {
+        let jobs: Vec<Box<dyn PgPendingWrite>> = match pending.lock() {
+            Ok(mut q) => {
+                let n = q.len().min(MAX_GROUP);
+                q.drain(..n).collect()
+            }
+            Err(_) => return,
+        };
+        if jobs.is_empty() {
+            return;
+        }
+        let mut client = match pool.get().await {
+            Ok(c) => c,
+            Err(e) => {
+                let why = format!("cannot get a connection to database {database}: {e}");
+                jobs.into_iter().for_each(|j| j.fail(&why));
+                continue;
+            }
+        };
+        let tx = match begin_audited(&mut client).await {
+            Ok(tx) => tx,
+            Err(e) => {
+                let why = e.to_string();
+                jobs.into_iter().for_each(|j| j.fail(&why));
+                continue;
+            }
+        };
+        let mut answers = Vec::with_capacity(jobs.len());
+        for j in jobs {
+            answers.push(j.run(&tx).await);
+        }
+        match tx.commit().await {
+            Ok(()) => answers.into_iter().for_each(|a| a(None)),
+            Err(e) => {
+                let why = e.to_string();
+                answers.into_iter().for_each(|a| a(Some(&why)));
+            }
+        }
     }
 }
 

@@ -12,6 +12,7 @@
 
 use std::fmt;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -46,6 +47,8 @@ pub struct SqliteStore {
     conn: Arc<Mutex<Connection>>,
     /// Writes waiting for the next group commit.
     pending: Arc<Mutex<Vec<Box<dyn PendingWrite>>>>,
+    /// Whether a drain task is running (at most one at a time).
+    draining: Arc<AtomicBool>,
     location: Arc<str>,
 }
 
@@ -208,6 +211,7 @@ impl SqliteStore {
         Ok(SqliteStore {
             conn: Arc::new(Mutex::new(conn)),
             pending: Arc::new(Mutex::new(Vec::new())),
+            draining: Arc::new(AtomicBool::new(false)),
             location: location.into(),
         })
     }
@@ -232,11 +236,52 @@ impl SqliteStore {
         .map_err(|e| StoreError::Backend(format!("SQLite worker task failed: {e}")))?
     }
 
+    /// Make sure a drain task is running: the first write to find none
+    /// starts one; it commits groups until the queue is empty. Callers only
+    /// wait for their own answer, sent as soon as their group commits.
+    fn kick(&self) {
+        if self
+            .draining
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return;
+        }
+        let conn = Arc::clone(&self.conn);
+        let pending = Arc::clone(&self.pending);
+        let draining = Arc::clone(&self.draining);
+        tokio::task::spawn_blocking(move || {
+            loop {
+                match conn.lock() {
+                    Ok(guard) => drain_groups(&guard, &pending),
+                    Err(_) => {
+                        if let Ok(mut q) = pending.lock() {
+                            for j in q.drain(..) {
+                                j.fail("the SQLite connection is unusable: a previous operation panicked while holding it");
+                            }
+                        }
+                    }
+                }
+                draining.store(false, Ordering::Release);
+                // A write queued after the last look at the queue but before
+                // the flag was cleared found a drain running: take it too.
+                let more = pending.lock().map(|q| !q.is_empty()).unwrap_or(false);
+                if !more
+                    || draining
+                        .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+                        .is_err()
+                {
+                    return;
+                }
+            }
+        });
+    }
+
     /// Run `f` as one atomic write, with group commit: writes that arrive
     /// while a transaction is committing are queued, and the next worker to
     /// get the connection commits all of them in one transaction, each in its
     /// own savepoint (a failing write rolls back alone). Every caller is
-    /// answered only after the transaction holding its write has committed.
+    /// answered as soon as the transaction holding its write has committed.
     async fn write<T, F>(&self, f: F) -> StoreResult<T>
     where
         T: Send + 'static,
@@ -247,20 +292,7 @@ impl SqliteStore {
             .lock()
             .map_err(|_| StoreError::Backend("the SQLite write queue is unusable".to_owned()))?
             .push(Box::new(WriteJob { f, reply }));
-        let conn = Arc::clone(&self.conn);
-        let pending = Arc::clone(&self.pending);
-        tokio::task::spawn_blocking(move || match conn.lock() {
-            Ok(guard) => drain_groups(&guard, &pending),
-            Err(_) => {
-                if let Ok(mut q) = pending.lock() {
-                    for j in q.drain(..) {
-                        j.fail("the SQLite connection is unusable: a previous operation panicked while holding it");
-                    }
-                }
-            }
-        })
-        .await
-        .map_err(|e| StoreError::Backend(format!("SQLite worker task failed: {e}")))?;
+        self.kick();
         answer
             .await
             .map_err(|_| StoreError::Backend("the write was dropped before it ran".to_owned()))?
