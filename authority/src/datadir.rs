@@ -133,14 +133,7 @@ impl DataDir {
 
     /// The admin signing key written at `init`.
     pub fn admin_key(&self) -> Result<SigningKey> {
-        let text = Zeroizing::new(
-            fs::read_to_string(self.admin_key_file())
-                .with_context(|| format!("reading {}", self.admin_key_file().display()))?,
-        );
-        let mut seed = Zeroizing::new([0u8; 32]);
-        hex::decode_to_slice(text.trim(), seed.as_mut())
-            .context("admin key is not 64 hex digits")?;
-        Ok(SigningKey::from_bytes(&seed))
+        read_admin_key(&self.admin_key_file())
     }
 
     /// Generate a self-signed development certificate for localhost/127.0.0.1.
@@ -166,4 +159,14 @@ impl DataDir {
             key: fs::read(&key).with_context(|| format!("reading {}", key.display()))?,
         })
     }
+}
+
+/// Read an admin signing key file (64 hex digits, as `init` writes it).
+pub fn read_admin_key(path: &Path) -> Result<SigningKey> {
+    let text = Zeroizing::new(
+        fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?,
+    );
+    let mut seed = Zeroizing::new([0u8; 32]);
+    hex::decode_to_slice(text.trim(), seed.as_mut()).context("admin key is not 64 hex digits")?;
+    Ok(SigningKey::from_bytes(&seed))
 }

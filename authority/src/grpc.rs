@@ -7,11 +7,12 @@ use std::sync::Arc;
 use ed25519_dalek::{Signature, VerifyingKey};
 use mabe_proto::v1::{
     self, AttributeInfo, AttributeRequest, AttributeRequestReceipt, AuthorityInfo,
-    CreateAttributeRequest, DecideRequestRequest, EnrollRequest, FetchKeysResponse,
-    GetDirectoryRequest, GetInfoRequest, GrantInfo, GrantRequest, IssuedKey, KeyRequest,
+    CheckpointRequest, CheckpointResponse, CreateAttributeRequest, DecideRequestRequest,
+    EnrollRequest, FetchKeysResponse, GetDirectoryRequest, GetInfoRequest, GrantInfo, GrantRequest,
+    IssueOfflineRequest, IssueOfflineResponse, IssuedKey, IssuedKeyInfo, KeyRequest,
     ListAttributesRequest, ListAttributesResponse, ListRequestsRequest, ListRequestsResponse,
-    PersonInfo, RequestInfo, RevokeRequest, RevokeResponse, SignedDirectory, VerifyAuditRequest,
-    VerifyAuditResponse,
+    ListRotationsRequest, ListRotationsResponse, PersonInfo, RequestInfo, RevokeRequest,
+    RevokeResponse, RotationInfo, SignedDirectory, VerifyAuditRequest, VerifyAuditResponse,
 };
 use prost::Message;
 use sha2::{Digest, Sha256};
@@ -363,6 +364,75 @@ impl v1::authority_admin_server::AuthorityAdmin for AdminService {
             entries: report.entries,
             checkpoints: report.checkpoints as u32,
             problems: report.problems.iter().map(ToString::to_string).collect(),
+        }))
+    }
+
+    async fn checkpoint(
+        &self,
+        req: Request<CheckpointRequest>,
+    ) -> Result<Response<CheckpointResponse>, Status> {
+        self.authorize(&format!("{ADMIN}Checkpoint"), &req).await?;
+        let cp = self.node.checkpoint().await.map_err(status)?;
+        Ok(Response::new(CheckpointResponse {
+            empty: cp.is_none(),
+            seq: cp.map(|c| c.seq).unwrap_or(0),
+        }))
+    }
+
+    async fn list_rotations(
+        &self,
+        req: Request<ListRotationsRequest>,
+    ) -> Result<Response<ListRotationsResponse>, Status> {
+        self.authorize(&format!("{ADMIN}ListRotations"), &req)
+            .await?;
+        let list = self
+            .node
+            .rotations(req.get_ref().pending_only)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(ListRotationsResponse {
+            rotations: list
+                .into_iter()
+                .map(|r| RotationInfo {
+                    id: r.id,
+                    attribute: r.attribute.clone(),
+                    from_version: r.from_version,
+                    to_version: r.to_version,
+                    state: r.state.as_str().into(),
+                    reason: r.reason.clone(),
+                    created_at: r.created_at,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn issue_offline(
+        &self,
+        req: Request<IssueOfflineRequest>,
+    ) -> Result<Response<IssueOfflineResponse>, Status> {
+        self.authorize(&format!("{ADMIN}IssueOffline"), &req)
+            .await?;
+        let keys = self
+            .node
+            .issue_offline(&req.get_ref().gid)
+            .await
+            .map_err(status)?;
+        if keys.is_empty() {
+            return Err(Status::failed_precondition(
+                "nothing to issue: no active grant for this GID",
+            ));
+        }
+        let encoded: Vec<Vec<u8>> = keys.iter().map(|k| k.key.to_vec()).collect();
+        let bundle = mabe_proto::bundle::encode(self.node.authority_id().as_str(), &encoded);
+        Ok(Response::new(IssueOfflineResponse {
+            bundle: bundle.to_vec(),
+            keys: keys
+                .iter()
+                .map(|k| IssuedKeyInfo {
+                    attribute: k.attribute.clone(),
+                    version: k.version,
+                })
+                .collect(),
         }))
     }
 }

@@ -1,5 +1,11 @@
 //! `mabe-authority`: run and administer one hospital's attribute authority.
 //!
+//! Every admin command runs either against the local data directory (it opens
+//! the database itself) or, with `--remote https://host:port`, against a
+//! running node's admin listener. Both paths build the same signed admin
+//! request and go through the same admin service, so they check and audit
+//! alike.
+//!
 //! Exit codes: 0 success, 1 any error (the message says what and what to do),
 //! 2 usage error (from the argument parser), 3 `audit verify` found problems.
 
@@ -7,13 +13,23 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
+use ed25519_dalek::SigningKey;
 use mabe_authority::{
-    datadir::{DataDir, write_private},
+    admin_client::signed,
+    datadir::{DataDir, read_admin_key, write_private},
+    grpc::AdminService,
     node::{Node, NodeConfig},
     seal::Kek,
     server::{Listeners, ServeOptions, serve},
-    store::{RequestState, Store, postgres::PgStore, sqlite::SqliteStore},
+    store::{Store, postgres::PgStore, sqlite::SqliteStore},
 };
+use mabe_proto::v1::{
+    CheckpointRequest, CreateAttributeRequest, DecideRequestRequest, EnrollRequest, GrantRequest,
+    IssueOfflineRequest, ListAttributesRequest, ListRequestsRequest, ListRotationsRequest,
+    RevokeRequest, VerifyAuditRequest, authority_admin_client::AuthorityAdminClient,
+    authority_admin_server::AuthorityAdmin as _,
+};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -36,6 +52,23 @@ struct Cli {
     /// File holding the key-encryption key (64 hex digits); MABE_KEK (hex) takes precedence.
     #[arg(long, global = true)]
     kek_file: Option<PathBuf>,
+    /// Send admin commands to a running node's admin listener
+    /// (`https://host:port`) instead of opening the data directory's database.
+    #[arg(long, global = true, env = "MABE_AUTHORITY_ADMIN_URL")]
+    remote: Option<String>,
+    /// Admin signing key file; default: the data directory's `admin.key`.
+    #[arg(long, global = true)]
+    admin_key: Option<PathBuf>,
+    /// With --remote: the authority id; default: the data directory's.
+    #[arg(long, global = true)]
+    authority: Option<String>,
+    /// With --remote: TLS root certificate (PEM) of the admin listener;
+    /// default: the data directory's development certificate.
+    #[arg(long, global = true)]
+    tls_root: Option<PathBuf>,
+    /// With --remote: the name the admin listener's certificate must carry.
+    #[arg(long, global = true, default_value = "localhost")]
+    tls_name: String,
     #[command(subcommand)]
     command: Command,
 }
@@ -194,6 +227,110 @@ async fn open_node(cli: &Cli, dir: &DataDir) -> Result<Arc<Node>> {
     ))
 }
 
+/// Where admin commands go: the admin service in this process over the local
+/// data directory, or a running node's admin listener.
+enum Target {
+    Local(AdminService),
+    Remote(AuthorityAdminClient<Channel>),
+}
+
+/// A signed admin session: the authority, the admin key and the target.
+struct Admin {
+    authority: String,
+    key: SigningKey,
+    target: Target,
+}
+
+/// Sign `$req` for `AuthorityAdmin/$name` and send it to the target.
+macro_rules! admin_call {
+    ($admin:expr, $method:ident, $name:literal, $req:expr) => {{
+        let admin: &mut Admin = $admin;
+        let req = signed(
+            $req,
+            &admin.authority,
+            concat!("/mabe.v1.AuthorityAdmin/", $name),
+            &admin.key,
+        );
+        let result = match &mut admin.target {
+            Target::Local(svc) => svc.$method(req).await,
+            Target::Remote(client) => client.$method(req).await,
+        };
+        result
+            .map(tonic::Response::into_inner)
+            .map_err(|s| refused(&admin.target, s))
+    }};
+}
+
+fn refused(target: &Target, s: tonic::Status) -> anyhow::Error {
+    match target {
+        Target::Local(_) => anyhow::anyhow!("{}", s.message()),
+        Target::Remote(_) => {
+            anyhow::anyhow!("the authority refused ({:?}): {}", s.code(), s.message())
+        }
+    }
+}
+
+async fn admin(cli: &Cli, dir: &DataDir) -> Result<Admin> {
+    let key = || {
+        let path = cli
+            .admin_key
+            .clone()
+            .unwrap_or_else(|| dir.admin_key_file());
+        read_admin_key(&path).with_context(|| {
+            format!(
+                "admin commands are signed with the admin key; none at {} (pass --admin-key)",
+                path.display()
+            )
+        })
+    };
+    match &cli.remote {
+        None => {
+            let node = open_node(cli, dir).await?;
+            let key = key()?;
+            Ok(Admin {
+                authority: node.authority_id().as_str().to_owned(),
+                key,
+                target: Target::Local(AdminService::new(node)),
+            })
+        }
+        Some(url) => {
+            let authority = match &cli.authority {
+                Some(a) => a.clone(),
+                None => dir
+                    .authority_id()
+                    .context("with --remote and no data directory, pass --authority")?,
+            };
+            let key = key()?;
+            let root_path = cli.tls_root.clone().unwrap_or_else(|| dir.tls_cert());
+            let root = std::fs::read(&root_path).with_context(|| {
+                format!(
+                    "reading the admin listener's TLS root {} (pass --tls-root)",
+                    root_path.display()
+                )
+            })?;
+            let channel = Endpoint::from_shared(url.clone())
+                .with_context(|| format!("--remote {url} is not a URL"))?
+                .tls_config(
+                    ClientTlsConfig::new()
+                        .ca_certificate(Certificate::from_pem(root))
+                        .domain_name(cli.tls_name.clone()),
+                )?
+                .timeout(Duration::from_secs(60))
+                .connect()
+                .await
+                .with_context(|| format!("cannot reach the admin listener at {url}"))?;
+            Ok(Admin {
+                authority,
+                key,
+                target: Target::Remote(
+                    AuthorityAdminClient::new(channel)
+                        .max_decoding_message_size(mabe_proto::MAX_MESSAGE_BYTES),
+                ),
+            })
+        }
+    }
+}
+
 fn gid_bytes(hex_gid: &str) -> Result<Vec<u8>> {
     let b = hex::decode(hex_gid.trim()).context("a GID is 64 hexadecimal digits")?;
     if b.len() != 32 {
@@ -284,19 +421,23 @@ async fn run(cli: Cli) -> Result<i32> {
             println!("store: {}", node.store().backend());
         }
         Command::Attribute(AttributeCmd::Create { name }) => {
-            let node = open_node(&cli, &dir).await?;
-            let rec = node.create_attribute(name).await?;
+            let mut a = admin(&cli, &dir).await?;
+            let req = CreateAttributeRequest { name: name.clone() };
+            let rec = admin_call!(&mut a, create_attribute, "CreateAttribute", req)?;
             println!("created {} version {}", rec.attribute, rec.version);
         }
         Command::Attribute(AttributeCmd::List) => {
-            let node = open_node(&cli, &dir).await?;
-            for (r, holders) in node.attributes().await? {
+            let mut a = admin(&cli, &dir).await?;
+            let list = admin_call!(
+                &mut a,
+                list_attributes,
+                "ListAttributes",
+                ListAttributesRequest {}
+            )?;
+            for r in list.attributes {
                 println!(
                     "{:<40} v{:<4} {:<10} {} holder(s)",
-                    r.attribute,
-                    r.version,
-                    r.state.as_str(),
-                    holders
+                    r.attribute, r.version, r.state, r.holders
                 );
             }
         }
@@ -306,9 +447,15 @@ async fn run(cli: Cli) -> Result<i32> {
             request_key,
             roles,
         } => {
-            let node = open_node(&cli, &dir).await?;
             let key = hex::decode(request_key.trim()).context("request key is not hex")?;
-            let p = node.enroll(registry, subject, &key, roles).await?;
+            let mut a = admin(&cli, &dir).await?;
+            let req = EnrollRequest {
+                registry: registry.clone(),
+                subject: subject.clone(),
+                request_key: key,
+                roles: roles.clone(),
+            };
+            let p = admin_call!(&mut a, enroll, "Enroll", req)?;
             println!(
                 "enrolled {} {} with GID {}",
                 p.registry,
@@ -321,31 +468,47 @@ async fn run(cli: Cli) -> Result<i32> {
             attr,
             expires_in,
         } => {
-            let node = open_node(&cli, &dir).await?;
-            let expires = expires_in.map(|s| mabe_authority::node::now() + s);
-            let g = node.grant(&gid_bytes(gid)?, attr, expires, "admin").await?;
+            let req = GrantRequest {
+                gid: gid_bytes(gid)?,
+                attribute: attr.clone(),
+                expires_at: expires_in
+                    .map(|s| mabe_authority::node::now().saturating_add(s))
+                    .unwrap_or(0),
+            };
+            let mut a = admin(&cli, &dir).await?;
+            let g = admin_call!(&mut a, grant, "Grant", req)?;
             println!("granted {} to {}", g.attribute, hex::encode(g.gid));
         }
         Command::Revoke { gid, attr } => {
-            let node = open_node(&cli, &dir).await?;
-            let r = node.revoke(&gid_bytes(gid)?, attr).await?;
+            let req = RevokeRequest {
+                gid: gid_bytes(gid)?,
+                attribute: attr.clone(),
+            };
+            let mut a = admin(&cli, &dir).await?;
+            let r = admin_call!(&mut a, revoke, "Revoke", req)?;
             println!(
                 "revoked; {} is now version {} ({} remaining holder(s) get it on their next fetch)",
-                r.attribute, r.new_version, r.remaining_holders
+                r.attribute, r.new_version, r.reissued_to
             );
         }
         Command::Requests { state } => {
-            let node = open_node(&cli, &dir).await?;
-            let state = state
-                .as_deref()
-                .map(RequestState::parse)
-                .transpose()
-                .map_err(|_| anyhow::anyhow!("--state is pending, approved or denied"))?;
-            for r in node.requests(state).await? {
+            let state = match state.as_deref() {
+                None => String::new(),
+                Some(s @ ("pending" | "approved" | "denied")) => s.to_owned(),
+                Some(_) => bail!("--state is pending, approved or denied"),
+            };
+            let mut a = admin(&cli, &dir).await?;
+            let list = admin_call!(
+                &mut a,
+                list_requests,
+                "ListRequests",
+                ListRequestsRequest { state }
+            )?;
+            for r in list.requests {
                 println!(
                     "#{:<5} {:<9} {} wants {}: {}",
                     r.id,
-                    r.state.as_str(),
+                    r.state,
                     hex::encode(r.gid),
                     r.attribute,
                     r.reason
@@ -353,42 +516,50 @@ async fn run(cli: Cli) -> Result<i32> {
             }
         }
         Command::Approve { id, note } | Command::Deny { id, note } => {
-            let approve = matches!(cli.command, Command::Approve { .. });
-            let node = open_node(&cli, &dir).await?;
-            let r = node.decide(*id, approve, note, "admin").await?;
-            println!("request #{} {}", r.id, r.state.as_str());
+            let req = DecideRequestRequest {
+                id: *id,
+                approve: matches!(cli.command, Command::Approve { .. }),
+                note: note.clone(),
+            };
+            let mut a = admin(&cli, &dir).await?;
+            let r = admin_call!(&mut a, decide_request, "DecideRequest", req)?;
+            println!("request #{} {}", r.id, r.state);
         }
         Command::Issue { gid, out } => {
-            let node = open_node(&cli, &dir).await?;
-            let keys = node.issue_offline(&gid_bytes(gid)?).await?;
-            if keys.is_empty() {
-                bail!("nothing to issue: no active grant for this GID");
+            if out.exists() {
+                bail!(
+                    "{} already exists; keys are never written over a file",
+                    out.display()
+                );
             }
-            let encoded: Vec<Vec<u8>> = keys.iter().map(|k| k.key.to_vec()).collect();
-            let bundle = mabe_proto::bundle::encode(node.authority_id().as_str(), &encoded);
+            let req = IssueOfflineRequest {
+                gid: gid_bytes(gid)?,
+            };
+            let mut a = admin(&cli, &dir).await?;
+            let issued = admin_call!(&mut a, issue_offline, "IssueOffline", req)?;
+            let bundle = zeroize::Zeroizing::new(issued.bundle);
             write_private(out, &bundle)?;
-            for k in &keys {
+            for k in &issued.keys {
                 println!("issued {} version {}", k.attribute, k.version);
             }
-            println!("wrote {} key(s) to {}", keys.len(), out.display());
+            println!("wrote {} key(s) to {}", issued.keys.len(), out.display());
         }
         Command::Rotations { pending } => {
-            let node = open_node(&cli, &dir).await?;
-            for r in node.rotations(*pending).await? {
+            let req = ListRotationsRequest {
+                pending_only: *pending,
+            };
+            let mut a = admin(&cli, &dir).await?;
+            let list = admin_call!(&mut a, list_rotations, "ListRotations", req)?;
+            for r in list.rotations {
                 println!(
                     "#{:<4} {:<40} v{} -> v{} {:<8} {}",
-                    r.id,
-                    r.attribute,
-                    r.from_version,
-                    r.to_version,
-                    r.state.as_str(),
-                    r.reason
+                    r.id, r.attribute, r.from_version, r.to_version, r.state, r.reason
                 );
             }
         }
         Command::Audit(AuditCmd::Verify) => {
-            let node = open_node(&cli, &dir).await?;
-            let report = node.verify_audit().await?;
+            let mut a = admin(&cli, &dir).await?;
+            let report = admin_call!(&mut a, verify_audit, "VerifyAudit", VerifyAuditRequest {})?;
             println!(
                 "{} entries, {} checkpoint(s) checked",
                 report.entries, report.checkpoints
@@ -403,10 +574,12 @@ async fn run(cli: Cli) -> Result<i32> {
             }
         }
         Command::Audit(AuditCmd::Checkpoint) => {
-            let node = open_node(&cli, &dir).await?;
-            match node.checkpoint().await? {
-                Some(cp) => println!("checkpoint signed at entry {}", cp.seq),
-                None => println!("the audit log is empty"),
+            let mut a = admin(&cli, &dir).await?;
+            let cp = admin_call!(&mut a, checkpoint, "Checkpoint", CheckpointRequest {})?;
+            if cp.empty {
+                println!("the audit log is empty");
+            } else {
+                println!("checkpoint signed at entry {}", cp.seq);
             }
         }
     }

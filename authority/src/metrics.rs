@@ -73,6 +73,9 @@ const SERVICES: [(&str, &str, &[&str]); 3] = [
             "ListRequests",
             "DecideRequest",
             "VerifyAudit",
+            "Checkpoint",
+            "ListRotations",
+            "IssueOffline",
         ],
     ),
     ("grpc.health.v1.Health", "health", &["Check", "Watch"]),
@@ -552,7 +555,7 @@ mod tests {
                 rpcs += 1;
             }
         }
-        assert_eq!(rpcs, 12);
+        assert_eq!(rpcs, 15);
     }
 
     #[test]

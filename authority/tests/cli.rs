@@ -367,3 +367,135 @@ async fn offline_issuance_writes_a_private_bundle_of_verifiable_keys() {
     );
     assert!(ok(&dir, &["audit", "verify"]).contains("audit log verifies"));
 }
+
+/// Every admin command against a running node (`--remote`), from a
+/// directory that holds only the admin key and the TLS root: nothing opens
+/// the database; the node checks, applies and audits each call.
+#[test]
+fn admin_commands_drive_a_running_node_with_remote() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("a");
+    init(&dir);
+    let mut served = serve(&dir);
+    // The operator's machine: admin key and TLS root only, no database.
+    let op = tmp.path().join("operator");
+    std::fs::create_dir(&op).unwrap();
+    std::fs::copy(dir.join("admin.key"), op.join("admin.key")).unwrap();
+    std::fs::copy(dir.join("tls/cert.pem"), op.join("root.pem")).unwrap();
+    let url = format!("https://localhost:{}", served.admin);
+    let remote = |args: &[&str]| -> Output {
+        let mut all = vec![
+            "--remote",
+            url.as_str(),
+            "--authority",
+            "hospital-a",
+            "--admin-key",
+            op.join("admin.key").to_str().unwrap(),
+            "--tls-root",
+            op.join("root.pem").to_str().unwrap(),
+        ]
+        .into_iter()
+        .map(String::from)
+        .collect::<Vec<_>>();
+        all.extend(args.iter().map(|s| s.to_string()));
+        let refs: Vec<&str> = all.iter().map(String::as_str).collect();
+        run(&op.join("no-data-dir"), &refs)
+    };
+    let rok = |args: &[&str]| -> String {
+        let out = remote(args);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    assert!(
+        rok(&["attribute", "create", "cardiology"]).contains("cardiology@hospital-a version 1")
+    );
+    let person = new_key();
+    let key = hex::encode(person.verifying_key().to_bytes());
+    let enrolled = rok(&[
+        "enroll",
+        "--registry",
+        "big",
+        "--subject",
+        "19012345678",
+        "--request-key",
+        &key,
+    ]);
+    let gid = enrolled.trim().rsplit(' ').next().unwrap().to_owned();
+    rok(&["grant", "--gid", &gid, "--attr", "cardiology"]);
+    assert!(rok(&["attribute", "list"]).contains("1 holder(s)"));
+    // A request filed over the public API, decided remotely.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut public = AuthorityClient::new(channel(&dir, served.public).await);
+        let (nonce, ts) = (vec![7u8; 16], now());
+        let gid_b = hex::decode(&gid).unwrap();
+        let msg = attribute_request_message(
+            "hospital-a",
+            &gid_b,
+            "cardiology@hospital-a",
+            "research",
+            &nonce,
+            ts,
+        );
+        public
+            .request_attribute(AttributeRequest {
+                authority_id: "hospital-a".into(),
+                gid: gid_b.clone(),
+                attribute: "cardiology@hospital-a".into(),
+                reason: "research".into(),
+                nonce,
+                timestamp: ts,
+                signature: person.sign(&msg).to_bytes().to_vec(),
+            })
+            .await
+            .unwrap();
+    });
+    let pending = rok(&["requests", "--state", "pending"]);
+    let id = pending
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .trim_start_matches('#')
+        .to_owned();
+    assert!(rok(&["deny", &id, "--note", "already granted"]).contains("denied"));
+    let bundle = tmp.path().join("keys.bundle");
+    assert!(
+        rok(&["issue", "--gid", &gid, "--out", bundle.to_str().unwrap()])
+            .contains("issued cardiology@hospital-a version 1")
+    );
+    let (authority, keys) = mabe_proto::bundle::decode(&std::fs::read(&bundle).unwrap()).unwrap();
+    assert_eq!((authority.as_str(), keys.len()), ("hospital-a", 1));
+    assert!(rok(&["revoke", "--gid", &gid, "--attr", "cardiology"]).contains("version 2"));
+    assert!(rok(&["rotations", "--pending"]).contains("v1 -> v2"));
+    assert!(rok(&["audit", "checkpoint"]).contains("checkpoint signed at entry"));
+    assert!(rok(&["audit", "verify"]).contains("audit log verifies"));
+
+    // The wrong admin key is refused by the node, and the refusal says so.
+    std::fs::write(
+        op.join("admin.key"),
+        hex::encode(new_key().to_bytes()).as_bytes(),
+    )
+    .unwrap();
+    let refused = remote(&["attribute", "create", "nurse"]);
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        err.contains("Unauthenticated") && err.contains("admin key"),
+        "{err}"
+    );
+    terminate(&mut served.child);
+    // Everything the remote session did is in the node's own audit log.
+    let audit = ok(&dir, &["audit", "verify"]);
+    assert!(audit.contains("audit log verifies"), "{audit}");
+}
+
+fn terminate(child: &mut Child) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    child.wait().unwrap();
+}
