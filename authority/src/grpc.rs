@@ -7,19 +7,20 @@ use std::sync::Arc;
 use ed25519_dalek::{Signature, VerifyingKey};
 use mabe_proto::v1::{
     self, AttributeInfo, AttributeRequest, AttributeRequestReceipt, AuthorityInfo,
-    CheckpointRequest, CheckpointResponse, CreateAttributeRequest, DecideRequestRequest,
-    EnrollRequest, FetchKeysResponse, GetDirectoryRequest, GetInfoRequest, GrantInfo, GrantRequest,
-    IssueOfflineRequest, IssueOfflineResponse, IssuedKey, IssuedKeyInfo, KeyRequest,
-    ListAttributesRequest, ListAttributesResponse, ListRequestsRequest, ListRequestsResponse,
-    ListRotationsRequest, ListRotationsResponse, PersonInfo, RequestInfo, RevokeRequest,
-    RevokeResponse, RotationInfo, SignedDirectory, VerifyAuditRequest, VerifyAuditResponse,
+    BreakGlassRequest, CheckpointRequest, CheckpointResponse, CreateAttributeRequest,
+    DecideRequestRequest, EnrollRequest, FetchKeysResponse, GetDirectoryRequest, GetInfoRequest,
+    GrantInfo, GrantRequest, IssueOfflineRequest, IssueOfflineResponse, IssuedKey, IssuedKeyInfo,
+    KeyRequest, ListAttributesRequest, ListAttributesResponse, ListRequestsRequest,
+    ListRequestsResponse, ListRotationsRequest, ListRotationsResponse, PersonInfo, RequestInfo,
+    RevokeRequest, RevokeResponse, RotateExpiredRequest, RotateExpiredResponse, RotationInfo,
+    SignedDirectory, VerifyAuditRequest, VerifyAuditResponse,
 };
 use prost::Message;
 use sha2::{Digest, Sha256};
 use tonic::{Request, Response, Status};
 
 use crate::{
-    node::{KeyFetch, Node, NodeError, SignedAttributeRequest, now},
+    node::{KeyFetch, Node, NodeError, SignedAttributeRequest, SignedBreakGlass, now},
     store::{RequestRecord, RequestState},
 };
 
@@ -101,17 +102,27 @@ impl v1::authority_server::Authority for PublicService {
         };
         let keys = self.node.fetch_keys(&fetch).await.map_err(status)?;
         let issued = crate::metrics::KeysIssued(keys.len());
-        let mut response = Response::new(FetchKeysResponse {
-            keys: keys
-                .into_iter()
-                .map(|k| IssuedKey {
-                    attribute: k.attribute,
-                    version: k.version,
-                    user_key: k.key.to_vec(),
-                    expires_at: k.expires_at.unwrap_or(0),
-                })
-                .collect(),
-        });
+        let mut response = Response::new(issued_keys(keys));
+        response.extensions_mut().insert(issued);
+        Ok(response)
+    }
+
+    async fn break_glass(
+        &self,
+        req: Request<BreakGlassRequest>,
+    ) -> Result<Response<FetchKeysResponse>, Status> {
+        let r = req.into_inner();
+        let signed = SignedBreakGlass {
+            authority: r.authority_id,
+            gid: r.gid,
+            reason: r.reason,
+            nonce: r.nonce,
+            timestamp: r.timestamp,
+            signature: r.signature,
+        };
+        let keys = self.node.break_glass(&signed).await.map_err(status)?;
+        let issued = crate::metrics::KeysIssued(keys.len());
+        let mut response = Response::new(issued_keys(keys));
         response.extensions_mut().insert(issued);
         Ok(response)
     }
@@ -197,6 +208,20 @@ impl AdminService {
             ));
         }
         Ok(())
+    }
+}
+
+fn issued_keys(keys: Vec<crate::node::IssuedKey>) -> FetchKeysResponse {
+    FetchKeysResponse {
+        keys: keys
+            .into_iter()
+            .map(|k| IssuedKey {
+                attribute: k.attribute,
+                version: k.version,
+                user_key: k.key.to_vec(),
+                expires_at: k.expires_at.unwrap_or(0),
+            })
+            .collect(),
     }
 }
 
@@ -401,6 +426,25 @@ impl v1::authority_admin_server::AuthorityAdmin for AdminService {
                     state: r.state.as_str().into(),
                     reason: r.reason.clone(),
                     created_at: r.created_at,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn rotate_expired(
+        &self,
+        req: Request<RotateExpiredRequest>,
+    ) -> Result<Response<RotateExpiredResponse>, Status> {
+        self.authorize(&format!("{ADMIN}RotateExpired"), &req)
+            .await?;
+        let done = self.node.rotate_expired().await.map_err(status)?;
+        Ok(Response::new(RotateExpiredResponse {
+            rotations: done
+                .into_iter()
+                .map(|r| RevokeResponse {
+                    attribute: r.attribute,
+                    new_version: r.new_version,
+                    reissued_to: r.remaining_holders as u32,
                 })
                 .collect(),
         }))

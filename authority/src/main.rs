@@ -26,8 +26,8 @@ use mabe_authority::{
 use mabe_proto::v1::{
     CheckpointRequest, CreateAttributeRequest, DecideRequestRequest, EnrollRequest, GrantRequest,
     IssueOfflineRequest, ListAttributesRequest, ListRequestsRequest, ListRotationsRequest,
-    RevokeRequest, VerifyAuditRequest, authority_admin_client::AuthorityAdminClient,
-    authority_admin_server::AuthorityAdmin as _,
+    RevokeRequest, RotateExpiredRequest, VerifyAuditRequest,
+    authority_admin_client::AuthorityAdminClient, authority_admin_server::AuthorityAdmin as _,
 };
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
@@ -98,6 +98,22 @@ enum Command {
         /// Per-request deadline in seconds.
         #[arg(long, default_value_t = 30)]
         request_timeout: u64,
+        /// Revoke expired grants (one rotation per attribute) every this
+        /// many seconds; 0 turns the schedule off.
+        #[arg(long, default_value_t = 300)]
+        rotate_expired_every: u64,
+        /// Sign an audit checkpoint every this many seconds; 0 turns it off.
+        #[arg(long, default_value_t = 3600)]
+        checkpoint_every: u64,
+        /// Name (before `@`) of the emergency attribute granted on break-glass.
+        #[arg(long, default_value = "emergency")]
+        emergency_attribute: String,
+        /// Role a person must be enrolled with to break the glass.
+        #[arg(long, default_value = "emergency-staff")]
+        emergency_role: String,
+        /// Lifetime of a break-glass grant, in hours.
+        #[arg(long, default_value_t = 12, value_parser = clap::value_parser!(u32).range(1..=168))]
+        break_glass_hours: u32,
     },
     /// Print the authority id and identity public key (to pin in trust files).
     Info,
@@ -178,6 +194,9 @@ enum Command {
         #[arg(long)]
         pending: bool,
     },
+    /// Revoke every expired grant now (e.g. break-glass grants): one
+    /// rotation per attribute. `serve` also does this on a schedule.
+    RotateExpired,
     /// The audit log.
     #[command(subcommand)]
     Audit(AuditCmd),
@@ -217,14 +236,49 @@ async fn open_store(cli: &Cli, dir: &DataDir) -> Result<Arc<dyn Store>> {
 }
 
 async fn open_node(cli: &Cli, dir: &DataDir) -> Result<Arc<Node>> {
+    open_node_with(cli, dir, NodeConfig::default()).await
+}
+
+async fn open_node_with(cli: &Cli, dir: &DataDir, config: NodeConfig) -> Result<Arc<Node>> {
     // Check the directory first: never create a database in a directory
     // that `init` did not set up.
     dir.authority_id()?;
     let store = open_store(cli, dir).await?;
     let kek = dir.load_kek(cli.kek_file.as_deref())?;
-    Ok(Arc::new(
-        Node::open(store, kek, NodeConfig::default()).await?,
-    ))
+    Ok(Arc::new(Node::open(store, kek, config).await?))
+}
+
+/// The background duties of `serve`: revoke expired grants and sign audit
+/// checkpoints on their schedules. Errors are logged and retried on the next
+/// tick; several replicas may run this at once (see `Node::rotate_expired`).
+async fn scheduler(node: Arc<Node>, rotate_every: u64, checkpoint_every: u64) {
+    let tick = |secs: u64| {
+        let mut i = tokio::time::interval(Duration::from_secs(secs.max(1)));
+        i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        i
+    };
+    let mut rotate = tick(rotate_every);
+    let mut checkpoint = tick(checkpoint_every);
+    loop {
+        tokio::select! {
+            _ = rotate.tick(), if rotate_every > 0 => {
+                match node.rotate_expired().await {
+                    Ok(done) => {
+                        for r in done {
+                            tracing::info!(attribute = %r.attribute, version = r.new_version, "expired grants revoked");
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "rotate-expired failed; retrying on the next tick"),
+                }
+            }
+            _ = checkpoint.tick(), if checkpoint_every > 0 => {
+                if let Err(e) = node.checkpoint().await {
+                    tracing::warn!(error = %e, "audit checkpoint failed; retrying on the next tick");
+                }
+            }
+            else => std::future::pending::<()>().await,
+        }
+    }
 }
 
 /// Where admin commands go: the admin service in this process over the local
@@ -390,8 +444,19 @@ async fn run(cli: Cli) -> Result<i32> {
             tls_cert,
             tls_key,
             request_timeout,
+            rotate_expired_every,
+            checkpoint_every,
+            emergency_attribute,
+            emergency_role,
+            break_glass_hours,
         } => {
-            let node = open_node(&cli, &dir).await?;
+            let config = NodeConfig {
+                emergency_attribute: emergency_attribute.clone(),
+                emergency_role: emergency_role.clone(),
+                break_glass_secs: i64::from(*break_glass_hours) * 3600,
+                ..NodeConfig::default()
+            };
+            let node = open_node_with(&cli, &dir, config).await?;
             let tls = dir.tls(tls_cert.as_deref(), tls_key.as_deref())?;
             let listeners = Listeners::bind(*listen, *admin_listen)
                 .await
@@ -399,7 +464,12 @@ async fn run(cli: Cli) -> Result<i32> {
             let (p, a) = listeners.addrs()?;
             tracing::info!(authority = %node.authority_id(), public = %p, admin = %a, store = node.store().backend(), "serving");
             println!("serving {} on {p} (admin {a})", node.authority_id());
-            serve(
+            let duties = tokio::spawn(scheduler(
+                Arc::clone(&node),
+                *rotate_expired_every,
+                *checkpoint_every,
+            ));
+            let served = serve(
                 node,
                 listeners,
                 ServeOptions {
@@ -408,7 +478,9 @@ async fn run(cli: Cli) -> Result<i32> {
                 },
                 shutdown_signal(),
             )
-            .await?;
+            .await;
+            duties.abort();
+            served?;
             tracing::info!("stopped");
         }
         Command::Info => {
@@ -554,6 +626,24 @@ async fn run(cli: Cli) -> Result<i32> {
                 println!(
                     "#{:<4} {:<40} v{} -> v{} {:<8} {}",
                     r.id, r.attribute, r.from_version, r.to_version, r.state, r.reason
+                );
+            }
+        }
+        Command::RotateExpired => {
+            let mut a = admin(&cli, &dir).await?;
+            let done = admin_call!(
+                &mut a,
+                rotate_expired,
+                "RotateExpired",
+                RotateExpiredRequest {}
+            )?;
+            if done.rotations.is_empty() {
+                println!("no expired grant");
+            }
+            for r in done.rotations {
+                println!(
+                    "rotated {} to version {} ({} remaining holder(s))",
+                    r.attribute, r.new_version, r.reissued_to
                 );
             }
         }

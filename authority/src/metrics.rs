@@ -59,7 +59,13 @@ const SERVICES: [(&str, &str, &[&str]); 3] = [
     (
         authority_server::SERVICE_NAME,
         "authority",
-        &["GetInfo", "GetDirectory", "FetchKeys", "RequestAttribute"],
+        &[
+            "GetInfo",
+            "GetDirectory",
+            "FetchKeys",
+            "RequestAttribute",
+            "BreakGlass",
+        ],
     ),
     (
         authority_admin_server::SERVICE_NAME,
@@ -76,6 +82,7 @@ const SERVICES: [(&str, &str, &[&str]); 3] = [
             "Checkpoint",
             "ListRotations",
             "IssueOffline",
+            "RotateExpired",
         ],
     ),
     ("grpc.health.v1.Health", "health", &["Check", "Watch"]),
@@ -555,7 +562,7 @@ mod tests {
                 rpcs += 1;
             }
         }
-        assert_eq!(rpcs, 15);
+        assert_eq!(rpcs, 17);
     }
 
     #[test]

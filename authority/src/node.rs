@@ -96,6 +96,13 @@ pub struct NodeConfig {
     pub max_clock_skew_secs: i64,
     /// How long a signed directory is valid.
     pub directory_validity_secs: i64,
+    /// Name (before `@`) of this authority's emergency attribute, granted on
+    /// break-glass (DESIGN §4).
+    pub emergency_attribute: String,
+    /// Role a person must have been enrolled with to break the glass.
+    pub emergency_role: String,
+    /// How long a break-glass grant lasts.
+    pub break_glass_secs: i64,
 }
 
 impl Default for NodeConfig {
@@ -103,6 +110,9 @@ impl Default for NodeConfig {
         NodeConfig {
             max_clock_skew_secs: 300,
             directory_validity_secs: 3600,
+            emergency_attribute: "emergency".into(),
+            emergency_role: "emergency-staff".into(),
+            break_glass_secs: 12 * 3600,
         }
     }
 }
@@ -134,6 +144,23 @@ pub struct SignedAttributeRequest {
     /// Attribute wanted.
     pub attribute: String,
     /// Stated reason (shown to the approver, audited).
+    pub reason: String,
+    /// Single-use nonce.
+    pub nonce: Vec<u8>,
+    /// Unix seconds.
+    pub timestamp: i64,
+    /// Ed25519 signature by the person's request key.
+    pub signature: Vec<u8>,
+}
+
+/// A signed break-glass request, as received.
+#[derive(Clone, Debug)]
+pub struct SignedBreakGlass {
+    /// Authority the request is addressed to.
+    pub authority: String,
+    /// The requester.
+    pub gid: Vec<u8>,
+    /// Stated reason (audited).
     pub reason: String,
     /// Single-use nonce.
     pub nonce: Vec<u8>,
@@ -541,35 +568,79 @@ impl Node {
     /// Revoke a grant and rotate the attribute to a new version, so keys the
     /// revoked person holds stop working on new records (and, once the proxy
     /// applied the update tokens, on stored ones). Remaining holders get the
-    /// new version on their next fetch.
+    /// new version on their next fetch. The grant's end, the new version and
+    /// the rotation job are one transaction.
     pub async fn revoke(&self, gid: &[u8], attribute: &str) -> NodeResult<Revocation> {
         let gid = gid_of(gid)?;
         let attr = self.attribute(attribute)?;
-        let mut ev = event("revoke", "admin");
-        ev.subject = Some(gid.to_string());
-        ev.attribute = Some(attr.to_string());
-        self.store
-            .revoke_grant(gid.as_bytes(), &attr.to_string(), ev)
-            .await?;
-        let rec = self.current(&attr.to_string()).await?;
+        self.rotate(&attr, &[gid], &format!("revoke {gid}"), "admin")
+            .await
+    }
+
+    /// Revoke every expired grant (break-glass grants and any other grant
+    /// with an expiry): one rotation per attribute, whatever the number of
+    /// expired grants. Safe to run on several replicas at once: a rotation
+    /// that lost the race is skipped and its grants are picked up next time.
+    pub async fn rotate_expired(&self) -> NodeResult<Vec<Revocation>> {
+        let expired = self.store.expired_grants(now()).await?;
+        let mut by_attr: std::collections::BTreeMap<String, Vec<Gid>> = Default::default();
+        for g in expired {
+            by_attr
+                .entry(g.attribute.clone())
+                .or_default()
+                .push(Gid::from_bytes(g.gid));
+        }
+        let mut done = Vec::new();
+        for (attribute, gids) in by_attr {
+            let attr = self.attribute(&attribute)?;
+            let reason = format!("{} expired grant(s)", gids.len());
+            match self.rotate(&attr, &gids, &reason, "scheduler").await {
+                Ok(r) => done.push(r),
+                Err(NodeError::Conflict(m) | NodeError::NotFound(m)) => {
+                    tracing::info!(attribute, reason = %m, "expired grants already handled elsewhere");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(done)
+    }
+
+    async fn rotate(
+        &self,
+        attr: &Attribute,
+        revoke: &[Gid],
+        reason: &str,
+        actor: &str,
+    ) -> NodeResult<Revocation> {
+        let name = attr.to_string();
+        let rec = self.current(&name).await?;
         let sk = self.secret(&rec)?;
         let (next, update) = sk.rotate(&mut OsRng)?;
         let new_rec = self.record_for(&next, VersionState::Current)?;
         let rotation = NewRotation {
-            reason: format!("revoke {gid}"),
+            reason: reason.to_owned(),
             update_secret_sealed: self.kek.seal(
                 &mut OsRng,
                 &update_ad(self.id.as_str(), &rec.attribute, rec.version),
                 &update.to_bytes(),
             )?,
+            revoke: revoke
+                .iter()
+                .map(|gid| {
+                    let mut ev = event("revoke", actor);
+                    ev.subject = Some(gid.to_string());
+                    ev.attribute = Some(name.clone());
+                    (*gid.as_bytes(), ev)
+                })
+                .collect(),
         };
-        let mut ev = event("rotate", "admin");
-        ev.attribute = Some(attr.to_string());
-        ev.detail = format!("version {} -> {}", rec.version, new_rec.version);
+        let mut ev = event("rotate", actor);
+        ev.attribute = Some(name.clone());
+        ev.detail = format!("version {} -> {}: {reason}", rec.version, new_rec.version);
         let job = self.store.rotate_attribute(&new_rec, &rotation, ev).await?;
-        let remaining_holders = self.store.holders(&attr.to_string()).await?.len();
+        let remaining_holders = self.store.holders(&name).await?.len();
         Ok(Revocation {
-            attribute: attr.to_string(),
+            attribute: name,
             new_version: new_rec.version,
             rotation_id: job.id,
             remaining_holders,
@@ -685,6 +756,97 @@ impl Node {
             return Err(refuse("nonce was already used (replay)".into()).await);
         }
         Ok(person)
+    }
+
+    /// Emergency access (DESIGN §4): a person enrolled with the emergency
+    /// role gets this authority's emergency attribute at once, as a grant
+    /// that expires after [`NodeConfig::break_glass_secs`], and its key. The
+    /// reason is audited as a `break-glass` entry. A still valid emergency
+    /// grant is reused (and the use audited again); an expired one is first
+    /// revoked by a rotation, so the new key is of a fresh version.
+    pub async fn break_glass(&self, req: &SignedBreakGlass) -> NodeResult<Vec<IssuedKey>> {
+        if req.reason.trim().is_empty() || req.reason.len() > MAX_REASON_LEN {
+            return Err(NodeError::InvalidArgument(format!(
+                "a reason is required (at most {MAX_REASON_LEN} bytes)"
+            )));
+        }
+        let msg = mabe_proto::signing::break_glass_message(
+            &req.authority,
+            &req.gid,
+            &req.reason,
+            &req.nonce,
+            req.timestamp,
+        );
+        let person = self
+            .authenticate(Signed {
+                what: "break-glass",
+                authority: &req.authority,
+                gid: &req.gid,
+                nonce: &req.nonce,
+                timestamp: req.timestamp,
+                signature: &req.signature,
+                message: &msg,
+            })
+            .await?;
+        let gid = Gid::from_bytes(person.gid);
+        let role = &self.config.emergency_role;
+        if !person.roles.split(',').any(|r| r.trim() == role.as_str()) {
+            let mut ev = event("refusal", &gid.to_string());
+            ev.subject = Some(gid.to_string());
+            ev.detail = format!(
+                "break-glass: not enrolled as {role}; reason given: {}",
+                req.reason
+            );
+            self.store.append_audit(ev).await?;
+            return Err(NodeError::PermissionDenied(format!(
+                "break-glass needs the {role} role at {}; this GID was not enrolled with it",
+                self.id
+            )));
+        }
+        let attr = self.attribute(&self.config.emergency_attribute)?;
+        let name = attr.to_string();
+        let t = now();
+        let existing = self
+            .store
+            .grants_for(&person.gid)
+            .await?
+            .into_iter()
+            .find(|g| g.attribute == name);
+        if existing
+            .as_ref()
+            .is_some_and(|g| g.expires_at.is_some_and(|e| e <= t))
+        {
+            // The last emergency grant expired but was not rotated yet.
+            self.rotate_expired().await?;
+        }
+        let mut ev = event("break-glass", &gid.to_string());
+        ev.subject = Some(gid.to_string());
+        ev.attribute = Some(name.clone());
+        match existing.filter(|g| g.expires_at.is_none_or(|e| e > t)) {
+            Some(g) => {
+                ev.detail = format!(
+                    "reason: {}; existing grant {}",
+                    req.reason,
+                    g.expires_at
+                        .map_or("without expiry".to_owned(), |e| format!("until {e}"))
+                );
+                self.store.append_audit(ev).await?;
+            }
+            None => {
+                let expires = t.saturating_add(self.config.break_glass_secs);
+                ev.detail = format!("reason: {}; grant expires at {expires}", req.reason);
+                let g = GrantRecord {
+                    gid: person.gid,
+                    attribute: name.clone(),
+                    granted_by: "break-glass".into(),
+                    granted_at: t,
+                    expires_at: Some(expires),
+                };
+                self.store.grant(&g, ev).await?;
+            }
+        }
+        self.issue(&person, std::slice::from_ref(&name), "break-glass")
+            .await
     }
 
     /// A person asks for an attribute with a reason; an admin decides.

@@ -6,146 +6,27 @@
 
 use std::{sync::Arc, time::Duration};
 
-use ark_std::rand::{RngCore, rngs::OsRng};
-use ed25519_dalek::{Signer, SigningKey, VerifyingKey};
+use ark_std::rand::rngs::OsRng;
+use ed25519_dalek::{Signer, VerifyingKey};
 use mabe_abe::{
-    AttributePublicKey, EncryptOptions, Gid, PublicKeyRing, UserKey, UserKeyRing, decrypt, encrypt,
+    AttributePublicKey, EncryptOptions, PublicKeyRing, UserKey, UserKeyRing, decrypt, encrypt,
 };
 use mabe_authority::{
     admin_client::signed,
-    node::{Node, NodeConfig, now},
-    seal::Kek,
-    server::{Listeners, ServeOptions, TlsPem, serve},
-    store::{Store, postgres::PgStore, sqlite::SqliteStore},
+    node::now,
+    store::{Store, sqlite::SqliteStore},
 };
 use mabe_proto::{
-    signing::{Directory, attribute_request_message, key_request_message},
+    signing::{Directory, attribute_request_message},
     v1::{
         AttributeRequest, CreateAttributeRequest, DecideRequestRequest, EnrollRequest,
         GetDirectoryRequest, KeyRequest, ListRequestsRequest, RevokeRequest, VerifyAuditRequest,
-        authority_admin_client::AuthorityAdminClient, authority_client::AuthorityClient,
     },
 };
-use tonic::{
-    Code,
-    transport::{Certificate, Channel, ClientTlsConfig, Endpoint},
-};
+use tonic::Code;
 
-const ADMIN: &str = "/mabe.v1.AuthorityAdmin/";
-
-struct Running {
-    node: Arc<Node>,
-    admin_key: SigningKey,
-    public: AuthorityClient<Channel>,
-    admin: AuthorityAdminClient<Channel>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-async fn channel(port: u16, cert: &[u8]) -> Channel {
-    Endpoint::from_shared(format!("https://localhost:{port}"))
-        .unwrap()
-        .tls_config(
-            ClientTlsConfig::new()
-                .ca_certificate(Certificate::from_pem(cert))
-                .domain_name("localhost"),
-        )
-        .unwrap()
-        .timeout(Duration::from_secs(20))
-        .connect()
-        .await
-        .expect("TLS connection to the authority")
-}
-
-async fn start(store: Arc<dyn Store>) -> Running {
-    let kek = Kek::generate(&mut OsRng);
-    let (node, admin_key) = Node::init(store, "hospital-a", kek, NodeConfig::default())
-        .await
-        .unwrap();
-    let node = Arc::new(node);
-    let ck = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
-    let tls = TlsPem {
-        cert: ck.cert.pem().into_bytes(),
-        key: ck.signing_key.serialize_pem().into_bytes(),
-    };
-    let listeners = Listeners::bind(
-        "127.0.0.1:0".parse().unwrap(),
-        "127.0.0.1:0".parse().unwrap(),
-    )
-    .await
-    .unwrap();
-    let (p, a) = listeners.addrs().unwrap();
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let n2 = Arc::clone(&node);
-    let task = tokio::spawn(async move {
-        serve(
-            n2,
-            listeners,
-            ServeOptions {
-                tls: Some(tls),
-                request_timeout: Duration::from_secs(20),
-            },
-            async {
-                let _ = rx.await;
-            },
-        )
-        .await
-        .unwrap();
-    });
-    let cert = ck.cert.pem().into_bytes();
-    Running {
-        public: AuthorityClient::new(channel(p.port(), &cert).await),
-        admin: AuthorityAdminClient::new(channel(a.port(), &cert).await),
-        node,
-        admin_key,
-        stop: Some(tx),
-        task,
-    }
-}
-
-struct Person {
-    gid: Gid,
-    key: SigningKey,
-}
-
-fn person(subject: &str) -> Person {
-    let mut seed = [0u8; 32];
-    OsRng.fill_bytes(&mut seed);
-    Person {
-        gid: Gid::derive("big-register", subject).unwrap(),
-        key: SigningKey::from_bytes(&seed),
-    }
-}
-
-fn nonce() -> Vec<u8> {
-    let mut n = vec![0u8; 16];
-    OsRng.fill_bytes(&mut n);
-    n
-}
-
-fn key_request(p: &Person, attrs: &[&str], ts: i64, signer: &SigningKey) -> KeyRequest {
-    let attributes: Vec<String> = attrs.iter().map(|s| s.to_string()).collect();
-    let n = nonce();
-    let msg = key_request_message("hospital-a", p.gid.as_bytes(), &attributes, &n, ts);
-    KeyRequest {
-        authority_id: "hospital-a".into(),
-        gid: p.gid.as_bytes().to_vec(),
-        attributes,
-        nonce: n,
-        timestamp: ts,
-        signature: signer.sign(&msg).to_bytes().to_vec(),
-    }
-}
-
-async fn refusals(node: &Node) -> usize {
-    node.store()
-        .audit_entries(1, 10_000)
-        .await
-        .unwrap()
-        .iter()
-        .filter(|e| e.event.kind == "refusal")
-        .count()
-}
+mod common;
+use common::*;
 
 async fn lifecycle(store: Arc<dyn Store>) {
     let mut r = start(store).await;
@@ -447,21 +328,5 @@ async fn lifecycle_sqlite() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lifecycle_postgres() {
-    let url = std::env::var("MABE_TEST_DATABASE_URL")
-        .expect("set MABE_TEST_DATABASE_URL, or run through scripts/with-postgres");
-    let db = format!("mabe_lifecycle_{}", OsRng.next_u64());
-    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    client
-        .batch_execute(&format!("CREATE DATABASE {db}"))
-        .await
-        .unwrap();
-    let db_url = match url.rsplit_once('/') {
-        Some((base, _)) => format!("{base}/{db}"),
-        None => panic!("database URL without a database name"),
-    };
-    let store = PgStore::connect(&db_url).await.unwrap();
-    lifecycle(Arc::new(store)).await;
+    lifecycle(Arc::new(fresh_pg("mabe_lifecycle").await)).await;
 }

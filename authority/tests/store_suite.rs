@@ -263,6 +263,7 @@ suite!(
     undecodable_rows_are_corrupt,
     rotations_keep_the_sealed_secret_until_finished,
     concurrent_writes_with_failures_are_isolated,
+    rotation_ends_its_grants_atomically,
 );
 
 // ---------------------------------------------------------------------------
@@ -273,6 +274,7 @@ fn rot() -> NewRotation {
     NewRotation {
         reason: "revoke test".into(),
         update_secret_sealed: vec![0x55; 90],
+        revoke: vec![],
     }
 }
 
@@ -1241,4 +1243,71 @@ async fn concurrent_writes_with_failures_are_isolated(h: Arc<Harness>) {
         v.entry(e);
     }
     assert!(v.finish().problems.is_empty());
+}
+
+/// A rotation ends the grants that caused it in the same transaction: all of
+/// them with the new version, or (if one is not active) none and no version.
+/// `expired_grants` lists active grants past their expiry, oldest first.
+async fn rotation_ends_its_grants_atomically(h: Arc<Harness>) {
+    let s = h.store();
+    s.create_attribute(&attr(DOCTOR, 1), ev("create-attribute"))
+        .await
+        .unwrap();
+    for n in 1..=3u8 {
+        s.enroll(&person(n), ev("enroll")).await.unwrap();
+    }
+    s.grant(&grant_of([1; 32], DOCTOR, Some(50)), ev("grant"))
+        .await
+        .unwrap();
+    s.grant(&grant_of([2; 32], DOCTOR, Some(40)), ev("grant"))
+        .await
+        .unwrap();
+    s.grant(&grant_of([3; 32], DOCTOR, Some(500)), ev("grant"))
+        .await
+        .unwrap();
+    let expired: Vec<[u8; 32]> = s
+        .expired_grants(100)
+        .await
+        .unwrap()
+        .iter()
+        .map(|g| g.gid)
+        .collect();
+    assert_eq!(expired, vec![[2; 32], [1; 32]], "oldest expiry first");
+    let with = |gids: &[[u8; 32]]| NewRotation {
+        revoke: gids.iter().map(|g| (*g, ev("revoke"))).collect(),
+        ..rot()
+    };
+    // One GID holds no grant of DOCTOR ([9; 32]): nothing happens at all.
+    let before = all_entries(&*s).await.len();
+    assert_not_found(
+        s.rotate_attribute(&attr(DOCTOR, 2), &with(&[[2; 32], [9; 32]]), ev("rotate"))
+            .await,
+        "rotation revoking a grant that does not exist",
+    );
+    assert_eq!(all_entries(&*s).await.len(), before);
+    assert_eq!(s.holders(DOCTOR).await.unwrap().len(), 3);
+    assert_eq!(s.attribute_versions(DOCTOR).await.unwrap().len(), 1);
+    assert!(s.rotations(true).await.unwrap().is_empty());
+    // Both expired grants end with one rotation.
+    let job = s
+        .rotate_attribute(&attr(DOCTOR, 2), &with(&expired), ev("rotate"))
+        .await
+        .unwrap();
+    assert_eq!((job.from_version, job.to_version), (1, 2));
+    let holders: Vec<[u8; 32]> = s
+        .holders(DOCTOR)
+        .await
+        .unwrap()
+        .iter()
+        .map(|g| g.gid)
+        .collect();
+    assert_eq!(holders, vec![[3; 32]]);
+    assert!(s.expired_grants(100).await.unwrap().is_empty());
+    let entries = all_entries(&*s).await;
+    let kinds: Vec<&str> = entries[before..]
+        .iter()
+        .map(|e| e.event.kind.as_str())
+        .collect();
+    assert_eq!(kinds, vec!["revoke", "revoke", "rotate"]);
+    assert_chain(&entries, entries.len());
 }

@@ -11,6 +11,8 @@ pub const TAG_KEY_REQUEST: &[u8] = b"MABE-V1-KEYREQ";
 pub const TAG_ATTRIBUTE_REQUEST: &[u8] = b"MABE-V1-ATTRREQ";
 /// Tag of an admin call.
 pub const TAG_ADMIN: &[u8] = b"MABE-V1-ADMIN";
+/// Tag of a break-glass (emergency access) request.
+pub const TAG_BREAK_GLASS: &[u8] = b"MABE-V1-BREAKGLASS";
 /// Tag of a directory body.
 pub const TAG_DIRECTORY: &[u8] = b"MABE-V1-DIR";
 
@@ -40,6 +42,29 @@ pub fn key_request_message(
     for a in attributes {
         lp(&mut m, a.as_bytes());
     }
+    lp(&mut m, nonce);
+    m.extend_from_slice(&timestamp.to_be_bytes());
+    m
+}
+
+/// `"MABE-V1-BREAKGLASS" ‖ lp(authority) ‖ lp(gid) ‖ lp(reason) ‖ lp(nonce) ‖ be64(timestamp)`.
+///
+/// ```
+/// let m = mabe_proto::signing::break_glass_message("hospital-c", &[0; 32], "cardiac arrest, patient unconscious", b"nonce-0123456789", 1_700_000_000);
+/// assert!(m.starts_with(b"MABE-V1-BREAKGLASS"));
+/// ```
+pub fn break_glass_message(
+    authority: &str,
+    gid: &[u8],
+    reason: &str,
+    nonce: &[u8],
+    timestamp: i64,
+) -> Vec<u8> {
+    let mut m = Vec::with_capacity(128 + reason.len());
+    m.extend_from_slice(TAG_BREAK_GLASS);
+    lp(&mut m, authority.as_bytes());
+    lp(&mut m, gid);
+    lp(&mut m, reason.as_bytes());
     lp(&mut m, nonce);
     m.extend_from_slice(&timestamp.to_be_bytes());
     m

@@ -246,6 +246,10 @@ pub struct NewRotation {
     /// Encoded `UpdateSecret` (kind 'U') sealed under the KEK with AD binding
     /// (authority, attribute, from-version).
     pub update_secret_sealed: Vec<u8>,
+    /// Grants of this attribute to end in the same transaction (the GIDs
+    /// whose removal causes the rotation), each with its `revoke` audit
+    /// event. Each must be active, or nothing happens (`NotFound`).
+    pub revoke: Vec<([u8; 32], AuditEvent)>,
 }
 
 impl fmt::Debug for NewRotation {
@@ -350,9 +354,10 @@ pub trait Store: Send + Sync + fmt::Debug {
 
     /// Create version 1 of a new attribute (`AlreadyExists` if any version exists).
     async fn create_attribute(&self, rec: &AttributeRecord, ev: AuditEvent) -> StoreResult<()>;
-    /// Add `rec` (version n+1) as current, mark version n superseded, and
-    /// create the pending rotation job holding the sealed update secret, all
-    /// atomically. `Conflict` unless `rec.version` is exactly the current
+    /// End the grants in `rotation.revoke`, add `rec` (version n+1) as
+    /// current, mark version n superseded, and create the pending rotation
+    /// job holding the sealed update secret, all atomically: a crash leaves
+    /// either all of it or none. `Conflict` unless `rec.version` is exactly the current
     /// version + 1.
     async fn rotate_attribute(
         &self,
@@ -397,6 +402,9 @@ pub trait Store: Send + Sync + fmt::Debug {
     async fn grants_for(&self, gid: &[u8; 32]) -> StoreResult<Vec<GrantRecord>>;
     /// Active grants of one attribute.
     async fn holders(&self, attribute: &str) -> StoreResult<Vec<GrantRecord>>;
+    /// Active grants (not revoked) whose expiry is at or before `at`, oldest
+    /// expiry first.
+    async fn expired_grants(&self, at: i64) -> StoreResult<Vec<GrantRecord>>;
 
     /// File a request; returns it with its id.
     async fn create_request(

@@ -520,6 +520,31 @@ async fn begin_audited(client: &mut Client) -> StoreResult<Transaction<'_>> {
 }
 
 /// Append `ev` to the audit chain inside a transaction from [`begin_audited`].
+/// End an active grant and audit it (`NotFound` if there is none).
+async fn end_grant(
+    tx: &Transaction<'_>,
+    gid: &[u8; 32],
+    attribute: &str,
+    ev: &AuditEvent,
+) -> StoreResult<()> {
+    let changed = tx
+        .execute(
+            "UPDATE grants SET revoked_at = $1
+             WHERE gid = $2 AND attribute = $3 AND revoked_at IS NULL",
+            &[&ev.ts, &gid.as_slice(), &attribute],
+        )
+        .await
+        .map_err(pg_err)?;
+    if changed == 0 {
+        return Err(StoreError::NotFound(format!(
+            "{} holds no active grant of {attribute}",
+            gid_hex(gid)
+        )));
+    }
+    append(tx, ev).await?;
+    Ok(())
+}
+
 async fn append(tx: &Transaction<'_>, ev: &AuditEvent) -> StoreResult<AuditEntry> {
     let last = tx
         .query_opt("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1", &[])
@@ -748,6 +773,9 @@ impl Store for PgStore {
             Box::pin(async move {
                 let rec: &AttributeRecord = &rec_owned;
                 let rotation: &NewRotation = &rotation_owned;
+                for (gid, ev) in &rotation.revoke {
+                    end_grant(tx, gid, &rec.attribute, ev).await?;
+                }
 
                 let row = tx
                     .query_one(
@@ -988,27 +1016,7 @@ impl Store for PgStore {
         let gid_owned: [u8; 32] = *gid;
         let attribute_owned: String = attribute.to_owned();
         self.write(move |tx| {
-            Box::pin(async move {
-                let gid: &[u8; 32] = &gid_owned;
-                let attribute: &str = &attribute_owned;
-
-                let changed = tx
-                    .execute(
-                        "UPDATE grants SET revoked_at = $1
-                 WHERE gid = $2 AND attribute = $3 AND revoked_at IS NULL",
-                        &[&ev.ts, &gid.as_slice(), &attribute],
-                    )
-                    .await
-                    .map_err(pg_err)?;
-                if changed == 0 {
-                    return Err(StoreError::NotFound(format!(
-                        "{} holds no active grant of {attribute}",
-                        gid_hex(gid)
-                    )));
-                }
-                append(tx, &ev).await?;
-                Ok(())
-            })
+            Box::pin(async move { end_grant(tx, &gid_owned, &attribute_owned, &ev).await })
         })
         .await
     }
@@ -1037,6 +1045,22 @@ impl Store for PgStore {
                      ORDER BY granted_at, id"
                 ),
                 &[&attribute],
+            )
+            .await
+            .map_err(pg_err)?;
+        rows.iter().map(grant_from).collect()
+    }
+
+    async fn expired_grants(&self, at: i64) -> StoreResult<Vec<GrantRecord>> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT {GRANT_COLS} FROM grants
+                     WHERE revoked_at IS NULL AND expires_at IS NOT NULL AND expires_at <= $1
+                     ORDER BY expires_at, id"
+                ),
+                &[&at],
             )
             .await
             .map_err(pg_err)?;

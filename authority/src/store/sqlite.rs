@@ -756,6 +756,31 @@ fn insert_grant(conn: &Connection, g: &GrantRecord) -> StoreResult<()> {
     Ok(())
 }
 
+/// End an active grant and audit it (`NotFound` if there is none).
+fn end_grant(
+    conn: &Connection,
+    gid: &[u8; 32],
+    attribute: &str,
+    ev: &AuditEvent,
+) -> StoreResult<()> {
+    let changed = conn
+        .prepare_cached(
+            "UPDATE grants SET revoked_at = ?1
+             WHERE gid = ?2 AND attribute = ?3 AND revoked_at IS NULL",
+        )
+        .map_err(db_err)?
+        .execute(params![ev.ts, &gid[..], attribute])
+        .map_err(db_err)?;
+    if changed == 0 {
+        return Err(StoreError::NotFound(format!(
+            "{} holds no active grant of {attribute}",
+            gid_hex(gid)
+        )));
+    }
+    append(conn, ev)?;
+    Ok(())
+}
+
 fn load_request(conn: &Connection, id: i64) -> StoreResult<Option<RequestRecord>> {
     let raw = conn
         .prepare_cached(&format!(
@@ -861,6 +886,9 @@ impl Store for SqliteStore {
         let rec = rec.clone();
         let rotation = rotation.clone();
         self.write(move |tx| {
+            for (gid, ev) in &rotation.revoke {
+                end_grant(tx, gid, &rec.attribute, ev)?;
+            }
             let current: Option<i64> = tx
                 .prepare_cached("SELECT MAX(version) FROM attributes WHERE attribute = ?1")
                 .map_err(db_err)?
@@ -1092,25 +1120,8 @@ impl Store for SqliteStore {
     ) -> StoreResult<()> {
         let gid = *gid;
         let attribute = attribute.to_owned();
-        self.write(move |tx| {
-            let changed = tx
-                .prepare_cached(
-                    "UPDATE grants SET revoked_at = ?1
-                     WHERE gid = ?2 AND attribute = ?3 AND revoked_at IS NULL",
-                )
-                .map_err(db_err)?
-                .execute(params![ev.ts, &gid[..], attribute])
-                .map_err(db_err)?;
-            if changed == 0 {
-                return Err(StoreError::NotFound(format!(
-                    "{} holds no active grant of {attribute}",
-                    gid_hex(&gid)
-                )));
-            }
-            append(tx, &ev)?;
-            Ok(())
-        })
-        .await
+        self.write(move |tx| end_grant(tx, &gid, &attribute, &ev))
+            .await
     }
 
     async fn grants_for(&self, gid: &[u8; 32]) -> StoreResult<Vec<GrantRecord>> {
@@ -1140,6 +1151,23 @@ impl Store for SqliteStore {
                      ORDER BY granted_at, id"
                 ),
                 params![attribute],
+                grant_row,
+                grant_from,
+            )
+        })
+        .await
+    }
+
+    async fn expired_grants(&self, at: i64) -> StoreResult<Vec<GrantRecord>> {
+        self.call(move |conn| {
+            query_all(
+                conn,
+                &format!(
+                    "SELECT {GRANT_COLS} FROM grants
+                     WHERE revoked_at IS NULL AND expires_at IS NOT NULL AND expires_at <= ?1
+                     ORDER BY expires_at, id"
+                ),
+                params![at],
                 grant_row,
                 grant_from,
             )
