@@ -21,7 +21,7 @@ use tonic::{Request, Response, Status};
 
 use crate::{
     node::{KeyFetch, Node, NodeError, SignedAttributeRequest, SignedBreakGlass, now},
-    store::{RequestRecord, RequestState},
+    store::{NonceUse, RequestRecord, RequestState},
 };
 
 /// Metadata key of the admin call's timestamp.
@@ -161,7 +161,30 @@ impl AdminService {
         AdminService { node }
     }
 
+    /// Check the admin signature and spend its nonce (a write of its own).
     async fn authorize<T: Message>(&self, method: &str, req: &Request<T>) -> Result<(), Status> {
+        let n = self.verify_signature(method, req)?;
+        let fresh = self
+            .node
+            .store()
+            .use_nonce(&n.space, &n.nonce, n.seen_at, n.prune_before)
+            .await
+            .map_err(|e| status(e.into()))?;
+        if !fresh {
+            return Err(Status::unauthenticated(
+                "admin nonce was already used (replay)",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Check the admin signature and freshness of a call; the returned nonce
+    /// must be spent, by [`Self::authorize`] or inside the call's own write.
+    fn verify_signature<T: Message>(
+        &self,
+        method: &str,
+        req: &Request<T>,
+    ) -> Result<NonceUse, Status> {
         let md = req.metadata();
         let get = |k: &str| {
             md.get(k)
@@ -196,18 +219,12 @@ impl AdminService {
                 "admin signature does not verify with this authority's admin key",
             ));
         }
-        let fresh = self
-            .node
-            .store()
-            .use_nonce(&ADMIN_NONCE_SPACE, &nonce, t, t - 2 * skew)
-            .await
-            .map_err(|e| status(e.into()))?;
-        if !fresh {
-            return Err(Status::unauthenticated(
-                "admin nonce was already used (replay)",
-            ));
-        }
-        Ok(())
+        Ok(NonceUse {
+            space: ADMIN_NONCE_SPACE,
+            nonce,
+            seen_at: t,
+            prune_before: t - 2 * skew,
+        })
     }
 }
 
@@ -368,14 +385,20 @@ impl v1::authority_admin_server::AuthorityAdmin for AdminService {
         &self,
         req: Request<DecideRequestRequest>,
     ) -> Result<Response<RequestInfo>, Status> {
-        self.authorize(&format!("{ADMIN}DecideRequest"), &req)
-            .await?;
+        // The nonce is spent in the decision's own transaction: one grouped
+        // write per decision instead of two.
+        let nonce = self.verify_signature(&format!("{ADMIN}DecideRequest"), &req)?;
         let r = req.into_inner();
         let rec = self
             .node
-            .decide(r.id, r.approve, &r.note, "admin")
+            .decide(r.id, r.approve, &r.note, "admin", Some(nonce))
             .await
-            .map_err(status)?;
+            .map_err(|e| match e {
+                NodeError::Unauthenticated(_) => {
+                    Status::unauthenticated("admin nonce was already used (replay)")
+                }
+                other => status(other),
+            })?;
         Ok(Response::new(request_info(rec)))
     }
 

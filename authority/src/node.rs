@@ -22,7 +22,7 @@ use crate::{
     audit::{self, AuditReport, Verifier},
     seal::{Kek, SealError, attribute_ad, identity_ad, update_ad},
     store::{
-        AttributeRecord, AuditEvent, AuthorityMeta, Checkpoint, GrantRecord, NewRotation,
+        AttributeRecord, AuditEvent, AuthorityMeta, Checkpoint, GrantRecord, NewRotation, NonceUse,
         PersonRecord, RequestRecord, RequestState, RotationRecord, Store, StoreError, VersionState,
     },
 };
@@ -73,6 +73,9 @@ impl From<StoreError> for NodeError {
             StoreError::AlreadyExists(m) => NodeError::AlreadyExists(m),
             StoreError::NotFound(m) => NodeError::NotFound(m),
             StoreError::Conflict(m) => NodeError::Conflict(m),
+            StoreError::Replay => {
+                NodeError::Unauthenticated("nonce was already used (replay)".into())
+            }
             other => NodeError::Store(other),
         }
     }
@@ -897,12 +900,15 @@ impl Node {
     }
 
     /// Approve or deny a pending request (approval creates the grant).
+    /// `nonce` (the authenticated call's nonce, if the caller did not spend
+    /// it yet) is spent in the decision's own transaction.
     pub async fn decide(
         &self,
         id: i64,
         approve: bool,
         note: &str,
         by: &str,
+        nonce: Option<NonceUse>,
     ) -> NodeResult<RequestRecord> {
         if note.len() > MAX_REASON_LEN {
             return Err(NodeError::InvalidArgument("note too long".into()));
@@ -911,7 +917,7 @@ impl Node {
         ev.detail = format!("request {id}: {note}");
         let rec = self
             .store
-            .decide_request(id, approve, by, note, now(), ev)
+            .decide_request(id, approve, by, note, now(), ev, nonce)
             .await?;
         Ok(rec)
     }

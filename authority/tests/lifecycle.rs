@@ -117,19 +117,27 @@ async fn lifecycle(store: Arc<dyn Store>) {
         .requests;
     assert_eq!(pending.len(), 1);
     assert_eq!(pending[0].reason, reason);
-    r.admin
-        .decide_request(signed(
-            DecideRequestRequest {
-                id: receipt.request_id,
-                approve: true,
-                note: "ok".into(),
-            },
-            "hospital-a",
-            &admin("DecideRequest"),
-            &r.admin_key,
-        ))
+    let decision = signed(
+        DecideRequestRequest {
+            id: receipt.request_id,
+            approve: true,
+            note: "ok".into(),
+        },
+        "hospital-a",
+        &admin("DecideRequest"),
+        &r.admin_key,
+    );
+    // The same signed call, captured and replayed later.
+    let mut replayed = tonic::Request::new(decision.get_ref().clone());
+    *replayed.metadata_mut() = decision.metadata().clone();
+    r.admin.decide_request(decision).await.unwrap();
+    let err = r
+        .admin
+        .decide_request(replayed)
         .await
-        .unwrap();
+        .expect_err("a replayed admin call");
+    assert_eq!(err.code(), Code::Unauthenticated);
+    assert!(err.message().contains("replay"), "{}", err.message());
 
     // Fetch keys; verify the directory signature against the pinned identity key.
     let keys = r

@@ -18,7 +18,8 @@ use mabe_authority::store::postgres::PgStore;
 use mabe_authority::store::sqlite::SqliteStore;
 use mabe_authority::store::{
     AttributeRecord, AuditEntry, AuditEvent, AuthorityMeta, Checkpoint, GrantRecord, NewRotation,
-    PersonRecord, RequestState, RotationState, Store, StoreError, StoreResult, VersionState,
+    NonceUse, PersonRecord, RequestState, RotationState, Store, StoreError, StoreResult,
+    VersionState,
 };
 
 // ---------------------------------------------------------------------------
@@ -264,6 +265,7 @@ suite!(
     rotations_keep_the_sealed_secret_until_finished,
     concurrent_writes_with_failures_are_isolated,
     rotation_ends_its_grants_atomically,
+    decision_spends_its_nonce_in_the_same_transaction,
 );
 
 // ---------------------------------------------------------------------------
@@ -693,7 +695,15 @@ async fn requests_lifecycle(h: Arc<Harness>) {
 
     // Approve: the grant appears in the same transaction.
     let d1 = s
-        .decide_request(r1.id, true, "admin", "ok for nights", 200, ev("approve"))
+        .decide_request(
+            r1.id,
+            true,
+            "admin",
+            "ok for nights",
+            200,
+            ev("approve"),
+            None,
+        )
         .await
         .unwrap();
     assert_eq!(d1.state, RequestState::Approved);
@@ -714,14 +724,14 @@ async fn requests_lifecycle(h: Arc<Harness>) {
 
     // Deny: no grant.
     let d2 = s
-        .decide_request(r2.id, false, "admin", "no", 201, ev("deny"))
+        .decide_request(r2.id, false, "admin", "no", 201, ev("deny"), None)
         .await
         .unwrap();
     assert_eq!(d2.state, RequestState::Denied);
     assert_eq!(s.grants_for(&p2).await.unwrap().len(), 1);
 
     // Approving when an active grant exists keeps the existing grant.
-    s.decide_request(r3.id, true, "admin", "fine", 202, ev("approve"))
+    s.decide_request(r3.id, true, "admin", "fine", 202, ev("approve"), None)
         .await
         .unwrap();
     assert_eq!(
@@ -731,17 +741,33 @@ async fn requests_lifecycle(h: Arc<Harness>) {
 
     // Deciding twice, or an unknown id.
     assert_conflict(
-        s.decide_request(r1.id, false, "admin", "changed my mind", 300, ev("deny"))
-            .await,
+        s.decide_request(
+            r1.id,
+            false,
+            "admin",
+            "changed my mind",
+            300,
+            ev("deny"),
+            None,
+        )
+        .await,
         "decide twice",
     );
     assert_conflict(
-        s.decide_request(r2.id, true, "admin", "changed my mind", 300, ev("approve"))
-            .await,
+        s.decide_request(
+            r2.id,
+            true,
+            "admin",
+            "changed my mind",
+            300,
+            ev("approve"),
+            None,
+        )
+        .await,
         "approve a denied request",
     );
     assert_not_found(
-        s.decide_request(r3.id + 1000, true, "admin", "", 300, ev("approve"))
+        s.decide_request(r3.id + 1000, true, "admin", "", 300, ev("approve"), None)
             .await,
         "decide unknown request",
     );
@@ -809,7 +835,7 @@ async fn audit_chain_links_and_verifies(h: Arc<Harness>) {
         .create_request(&[2; 32], NURSE, "please", 5, ev("request"))
         .await
         .unwrap();
-    s.decide_request(r.id, true, "admin", "", 6, ev("approve"))
+    s.decide_request(r.id, true, "admin", "", 6, ev("approve"), None)
         .await
         .unwrap();
     let appended = s
@@ -886,7 +912,7 @@ async fn failed_operations_append_nothing(h: Arc<Harness>) {
         .await
         .unwrap_err();
     let _ = s
-        .decide_request(999, true, "admin", "", 0, ev("approve"))
+        .decide_request(999, true, "admin", "", 0, ev("approve"), None)
         .await
         .unwrap_err();
     assert_eq!(
@@ -1310,4 +1336,60 @@ async fn rotation_ends_its_grants_atomically(h: Arc<Harness>) {
         .collect();
     assert_eq!(kinds, vec!["revoke", "revoke", "rotate"]);
     assert_chain(&entries, entries.len());
+}
+
+/// A decision can carry the admin call's nonce: spent in the same
+/// transaction, refused as `Replay` the second time, and still spent when the
+/// decision itself is refused (so a replay of a refused call stays refused).
+async fn decision_spends_its_nonce_in_the_same_transaction(h: Arc<Harness>) {
+    let s = h.store();
+    s.create_attribute(&attr(DOCTOR, 1), ev("create-attribute"))
+        .await
+        .unwrap();
+    s.enroll(&person(1), ev("enroll")).await.unwrap();
+    let r = s
+        .create_request(&[1; 32], DOCTOR, "nights", 100, ev("request"))
+        .await
+        .unwrap();
+    let n = |b: u8| NonceUse {
+        space: [0xad; 32],
+        nonce: vec![b; 16],
+        seen_at: 1_000,
+        prune_before: 400,
+    };
+    // Refused decision (no such request): the nonce is spent anyway.
+    assert_not_found(
+        s.decide_request(r.id + 50, true, "admin", "", 200, ev("approve"), Some(n(1)))
+            .await,
+        "decide a missing request",
+    );
+    assert!(
+        !s.use_nonce(&[0xad; 32], &[1; 16], 1_000, 400)
+            .await
+            .unwrap()
+    );
+    let before = all_entries(&*s).await.len();
+    // A replayed nonce decides nothing.
+    assert!(matches!(
+        s.decide_request(r.id, true, "admin", "", 200, ev("approve"), Some(n(1)))
+            .await,
+        Err(StoreError::Replay)
+    ));
+    assert_eq!(all_entries(&*s).await.len(), before);
+    assert_eq!(
+        s.requests(Some(RequestState::Pending)).await.unwrap().len(),
+        1
+    );
+    // A fresh nonce: decided, and the nonce is now spent.
+    let d = s
+        .decide_request(r.id, true, "admin", "", 200, ev("approve"), Some(n(2)))
+        .await
+        .unwrap();
+    assert_eq!(d.state, RequestState::Approved);
+    assert!(
+        !s.use_nonce(&[0xad; 32], &[2; 16], 1_000, 400)
+            .await
+            .unwrap()
+    );
+    assert_eq!(s.holders(DOCTOR).await.unwrap().len(), 1);
 }

@@ -35,6 +35,24 @@ pub enum StoreError {
     /// The backend failed (connection, I/O, constraint, migration).
     #[error("database error: {0}")]
     Backend(String),
+    /// The nonce that came with a write was used before (a replayed call).
+    #[error("nonce was already used (replay)")]
+    Replay,
+}
+
+/// A nonce to spend in the same transaction as a write, so an authenticated
+/// call costs one grouped write instead of two. It stays spent even when the
+/// write is refused (a replay of a refused call is refused too).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NonceUse {
+    /// Namespace (a GID, or the admin namespace).
+    pub space: [u8; 32],
+    /// The nonce.
+    pub nonce: Vec<u8>,
+    /// Unix seconds.
+    pub seen_at: i64,
+    /// Nonces seen before this may be forgotten.
+    pub prune_before: i64,
 }
 
 /// Result type of the store.
@@ -419,7 +437,9 @@ pub trait Store: Send + Sync + fmt::Debug {
     async fn requests(&self, state: Option<RequestState>) -> StoreResult<Vec<RequestRecord>>;
     /// Decide a pending request (`Conflict` if already decided, `NotFound` if no
     /// such id). Approval creates the grant (granted_by `request:<id>`) in the
-    /// same transaction; an existing active grant is kept as is.
+    /// same transaction; an existing active grant is kept as is. With `nonce`,
+    /// it is spent first in the same transaction (`Replay` if it was used).
+    #[allow(clippy::too_many_arguments)]
     async fn decide_request(
         &self,
         id: i64,
@@ -428,6 +448,7 @@ pub trait Store: Send + Sync + fmt::Debug {
         note: &str,
         decided_at: i64,
         ev: AuditEvent,
+        nonce: Option<NonceUse>,
     ) -> StoreResult<RequestRecord>;
 
     /// Record a request nonce; `Ok(false)` if this (gid, nonce) was seen before

@@ -24,8 +24,8 @@ use tokio_postgres::{Client, NoTls, Row, Transaction};
 
 use super::{
     AttributeRecord, AuditEntry, AuditEvent, AuthorityMeta, Checkpoint, GrantRecord, NewRotation,
-    PersonRecord, RequestRecord, RequestState, RotationRecord, RotationState, Store, StoreError,
-    StoreResult, VersionState,
+    NonceUse, PersonRecord, RequestRecord, RequestState, RotationRecord, RotationState, Store,
+    StoreError, StoreResult, VersionState,
 };
 use crate::audit::entry_hash;
 
@@ -520,6 +520,28 @@ async fn begin_audited(client: &mut Client) -> StoreResult<Transaction<'_>> {
 }
 
 /// Append `ev` to the audit chain inside a transaction from [`begin_audited`].
+/// Record a nonce (forgetting old ones); `false` if it was seen before.
+async fn spend_nonce(tx: &Transaction<'_>, n: &NonceUse) -> StoreResult<bool> {
+    // SKIP LOCKED: concurrent callers prune disjoint rows instead of
+    // waiting for (or deadlocking with) each other.
+    tx.execute(
+        "DELETE FROM nonces WHERE (gid, nonce) IN (
+             SELECT gid, nonce FROM nonces WHERE seen_at < $1 FOR UPDATE SKIP LOCKED)",
+        &[&n.prune_before],
+    )
+    .await
+    .map_err(pg_err)?;
+    let inserted = tx
+        .execute(
+            "INSERT INTO nonces (gid, nonce, seen_at) VALUES ($1, $2, $3)
+             ON CONFLICT (gid, nonce) DO NOTHING",
+            &[&n.space.as_slice(), &n.nonce, &n.seen_at],
+        )
+        .await
+        .map_err(pg_err)?;
+    Ok(inserted == 1)
+}
+
 /// End an active grant and audit it (`NotFound` if there is none).
 async fn end_grant(
     tx: &Transaction<'_>,
@@ -1142,13 +1164,21 @@ impl Store for PgStore {
         note: &str,
         decided_at: i64,
         ev: AuditEvent,
+        nonce: Option<NonceUse>,
     ) -> StoreResult<RequestRecord> {
         let decided_by_owned: String = decided_by.to_owned();
         let note_owned: String = note.to_owned();
+        // Refusals after the nonce is spent are returned as `Ok(Err(_))`, so
+        // the savepoint keeps the nonce (nothing else was written yet).
         self.write(move |tx| {
             Box::pin(async move {
                 let decided_by: &str = &decided_by_owned;
                 let note: &str = &note_owned;
+                if let Some(n) = &nonce {
+                    if !spend_nonce(tx, n).await? {
+                        return Err(StoreError::Replay);
+                    }
+                }
 
                 let row = tx
                     .query_opt(
@@ -1158,14 +1188,16 @@ impl Store for PgStore {
                     .await
                     .map_err(pg_err)?;
                 let Some(row) = row else {
-                    return Err(StoreError::NotFound(format!("request {id} does not exist")));
+                    return Ok(Err(StoreError::NotFound(format!(
+                        "request {id} does not exist"
+                    ))));
                 };
                 let mut req = request_from(&row)?;
                 if req.state != RequestState::Pending {
-                    return Err(StoreError::Conflict(format!(
+                    return Ok(Err(StoreError::Conflict(format!(
                         "request {id} was already {}",
                         req.state.as_str()
-                    )));
+                    ))));
                 }
                 let state = if approve {
                     RequestState::Approved
@@ -1197,10 +1229,10 @@ impl Store for PgStore {
                 req.decided_by = Some(decided_by.to_owned());
                 req.decided_at = Some(decided_at);
                 req.note = Some(note.to_owned());
-                Ok(req)
+                Ok(Ok(req))
             })
         })
-        .await
+        .await?
     }
 
     async fn use_nonce(
@@ -1212,25 +1244,15 @@ impl Store for PgStore {
     ) -> StoreResult<bool> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(pg_err)?;
-        // SKIP LOCKED: concurrent callers prune disjoint rows instead of
-        // waiting for (or deadlocking with) each other.
-        tx.execute(
-            "DELETE FROM nonces WHERE (gid, nonce) IN (
-                 SELECT gid, nonce FROM nonces WHERE seen_at < $1 FOR UPDATE SKIP LOCKED)",
-            &[&prune_before],
-        )
-        .await
-        .map_err(pg_err)?;
-        let inserted = tx
-            .execute(
-                "INSERT INTO nonces (gid, nonce, seen_at) VALUES ($1, $2, $3)
-                 ON CONFLICT (gid, nonce) DO NOTHING",
-                &[&gid.as_slice(), &nonce, &seen_at],
-            )
-            .await
-            .map_err(pg_err)?;
+        let n = NonceUse {
+            space: *gid,
+            nonce: nonce.to_vec(),
+            seen_at,
+            prune_before,
+        };
+        let fresh = spend_nonce(&tx, &n).await?;
         tx.commit().await.map_err(pg_err)?;
-        Ok(inserted == 1)
+        Ok(fresh)
     }
 
     async fn append_audit(&self, ev: AuditEvent) -> StoreResult<AuditEntry> {

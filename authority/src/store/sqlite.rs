@@ -21,8 +21,8 @@ use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 
 use super::{
     AttributeRecord, AuditEntry, AuditEvent, AuthorityMeta, Checkpoint, GrantRecord, NewRotation,
-    PersonRecord, RequestRecord, RequestState, RotationRecord, RotationState, Store, StoreError,
-    StoreResult, VersionState,
+    NonceUse, PersonRecord, RequestRecord, RequestState, RotationRecord, RotationState, Store,
+    StoreError, StoreResult, VersionState,
 };
 use crate::audit::entry_hash;
 
@@ -756,6 +756,23 @@ fn insert_grant(conn: &Connection, g: &GrantRecord) -> StoreResult<()> {
     Ok(())
 }
 
+/// Record a nonce (forgetting old ones); `false` if it was seen before.
+fn spend_nonce(conn: &Connection, n: &NonceUse) -> StoreResult<bool> {
+    conn.prepare_cached("DELETE FROM nonces WHERE seen_at < ?1")
+        .map_err(db_err)?
+        .execute(params![n.prune_before])
+        .map_err(db_err)?;
+    let inserted = conn
+        .prepare_cached(
+            "INSERT INTO nonces (gid, nonce, seen_at) VALUES (?1, ?2, ?3)
+             ON CONFLICT (gid, nonce) DO NOTHING",
+        )
+        .map_err(db_err)?
+        .execute(params![&n.space[..], n.nonce, n.seen_at])
+        .map_err(db_err)?;
+    Ok(inserted == 1)
+}
+
 /// End an active grant and audit it (`NotFound` if there is none).
 fn end_grant(
     conn: &Connection,
@@ -1242,18 +1259,28 @@ impl Store for SqliteStore {
         note: &str,
         decided_at: i64,
         ev: AuditEvent,
+        nonce: Option<NonceUse>,
     ) -> StoreResult<RequestRecord> {
         let decided_by = decided_by.to_owned();
         let note = note.to_owned();
+        // Refusals after the nonce is spent are returned as `Ok(Err(_))`, so
+        // the savepoint keeps the nonce (nothing else was written yet).
         self.write(move |tx| {
+            if let Some(n) = &nonce {
+                if !spend_nonce(tx, n)? {
+                    return Err(StoreError::Replay);
+                }
+            }
             let Some(mut req) = load_request(tx, id)? else {
-                return Err(StoreError::NotFound(format!("request {id} does not exist")));
+                return Ok(Err(StoreError::NotFound(format!(
+                    "request {id} does not exist"
+                ))));
             };
             if req.state != RequestState::Pending {
-                return Err(StoreError::Conflict(format!(
+                return Ok(Err(StoreError::Conflict(format!(
                     "request {id} was already {}",
                     req.state.as_str()
-                )));
+                ))));
             }
             let state = if approve {
                 RequestState::Approved
@@ -1284,9 +1311,9 @@ impl Store for SqliteStore {
             req.decided_by = Some(decided_by);
             req.decided_at = Some(decided_at);
             req.note = Some(note);
-            Ok(req)
+            Ok(Ok(req))
         })
-        .await
+        .await?
     }
 
     async fn use_nonce(
@@ -1296,24 +1323,13 @@ impl Store for SqliteStore {
         seen_at: i64,
         prune_before: i64,
     ) -> StoreResult<bool> {
-        let gid = *gid;
-        let nonce = nonce.to_vec();
-        self.write(move |tx| {
-            tx.prepare_cached("DELETE FROM nonces WHERE seen_at < ?1")
-                .map_err(db_err)?
-                .execute(params![prune_before])
-                .map_err(db_err)?;
-            let inserted = tx
-                .prepare_cached(
-                    "INSERT INTO nonces (gid, nonce, seen_at) VALUES (?1, ?2, ?3)
-                     ON CONFLICT (gid, nonce) DO NOTHING",
-                )
-                .map_err(db_err)?
-                .execute(params![&gid[..], nonce, seen_at])
-                .map_err(db_err)?;
-            Ok(inserted == 1)
-        })
-        .await
+        let n = NonceUse {
+            space: *gid,
+            nonce: nonce.to_vec(),
+            seen_at,
+            prune_before,
+        };
+        self.write(move |tx| spend_nonce(tx, &n)).await
     }
 
     async fn append_audit(&self, ev: AuditEvent) -> StoreResult<AuditEntry> {
