@@ -6,14 +6,15 @@ use std::sync::Arc;
 
 use ed25519_dalek::{Signature, VerifyingKey};
 use mabe_proto::v1::{
-    self, AttributeInfo, AttributeRequest, AttributeRequestReceipt, AuthorityInfo,
+    self, AddProxyRequest, AttributeInfo, AttributeRequest, AttributeRequestReceipt, AuthorityInfo,
     BreakGlassRequest, CheckpointRequest, CheckpointResponse, CreateAttributeRequest,
     DecideRequestRequest, EnrollRequest, FetchKeysResponse, GetDirectoryRequest, GetInfoRequest,
     GrantInfo, GrantRequest, IssueOfflineRequest, IssueOfflineResponse, IssuedKey, IssuedKeyInfo,
-    KeyRequest, ListAttributesRequest, ListAttributesResponse, ListRequestsRequest,
-    ListRequestsResponse, ListRotationsRequest, ListRotationsResponse, PersonInfo, RequestInfo,
-    RevokeRequest, RevokeResponse, RotateExpiredRequest, RotateExpiredResponse, RotationInfo,
-    SignedDirectory, VerifyAuditRequest, VerifyAuditResponse,
+    KeyRequest, ListAttributesRequest, ListAttributesResponse, ListProxiesRequest,
+    ListProxiesResponse, ListRequestsRequest, ListRequestsResponse, ListRotationsRequest,
+    ListRotationsResponse, PersonInfo, ProxyEntry, ProxyProgress, RequestInfo, RevokeRequest,
+    RevokeResponse, RotateExpiredRequest, RotateExpiredResponse, RotationInfo, SignedDirectory,
+    VerifyAuditRequest, VerifyAuditResponse,
 };
 use prost::Message;
 use sha2::{Digest, Sha256};
@@ -43,6 +44,7 @@ pub fn status(e: NodeError) -> Status {
         NodeError::NotFound(m) => Status::not_found(m),
         NodeError::AlreadyExists(m) => Status::already_exists(m),
         NodeError::Conflict(m) => Status::failed_precondition(m),
+        NodeError::Proxy { .. } => Status::unavailable(e.to_string()),
         NodeError::NotInitialized | NodeError::AlreadyInitialized => {
             Status::failed_precondition(e.to_string())
         }
@@ -359,6 +361,7 @@ impl v1::authority_admin_server::AuthorityAdmin for AdminService {
             attribute: rev.attribute,
             new_version: rev.new_version,
             reissued_to: rev.remaining_holders as u32,
+            rotation_id: rev.rotation_id,
         }))
     }
 
@@ -438,20 +441,37 @@ impl v1::authority_admin_server::AuthorityAdmin for AdminService {
             .rotations(req.get_ref().pending_only)
             .await
             .map_err(status)?;
-        Ok(Response::new(ListRotationsResponse {
-            rotations: list
-                .into_iter()
-                .map(|r| RotationInfo {
-                    id: r.id,
-                    attribute: r.attribute.clone(),
-                    from_version: r.from_version,
-                    to_version: r.to_version,
-                    state: r.state.as_str().into(),
-                    reason: r.reason.clone(),
-                    created_at: r.created_at,
-                })
-                .collect(),
-        }))
+        let mut rotations = Vec::with_capacity(list.len());
+        for r in list {
+            let progress = self
+                .node
+                .store()
+                .rotation_progress(r.id)
+                .await
+                .map_err(|e| status(e.into()))?;
+            rotations.push(RotationInfo {
+                id: r.id,
+                attribute: r.attribute.clone(),
+                from_version: r.from_version,
+                to_version: r.to_version,
+                state: r.state.as_str().into(),
+                reason: r.reason.clone(),
+                created_at: r.created_at,
+                finished_at: r.finished_at.unwrap_or(0),
+                progress: progress
+                    .into_iter()
+                    .map(|p| ProxyProgress {
+                        proxy_id: p.proxy_id,
+                        rows_total: p.rows_total,
+                        rows_done: p.rows_done,
+                        frozen_at: p.frozen_at,
+                        updated_at: p.updated_at,
+                        done_at: p.done_at.unwrap_or(0),
+                    })
+                    .collect(),
+            });
+        }
+        Ok(Response::new(ListRotationsResponse { rotations }))
     }
 
     async fn rotate_expired(
@@ -468,6 +488,50 @@ impl v1::authority_admin_server::AuthorityAdmin for AdminService {
                     attribute: r.attribute,
                     new_version: r.new_version,
                     reissued_to: r.remaining_holders as u32,
+                    rotation_id: r.rotation_id,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn add_proxy(
+        &self,
+        req: Request<AddProxyRequest>,
+    ) -> Result<Response<ProxyEntry>, Status> {
+        self.authorize(&format!("{ADMIN}AddProxy"), &req).await?;
+        let r = req.into_inner();
+        let p = self
+            .node
+            .add_proxy(&r.id, &r.endpoint, &r.tls_root, &r.tls_name)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(ProxyEntry {
+            id: p.id,
+            endpoint: p.endpoint,
+            tls_name: p.tls_name,
+            added_at: p.added_at,
+        }))
+    }
+
+    async fn list_proxies(
+        &self,
+        req: Request<ListProxiesRequest>,
+    ) -> Result<Response<ListProxiesResponse>, Status> {
+        self.authorize(&format!("{ADMIN}ListProxies"), &req).await?;
+        let list = self
+            .node
+            .store()
+            .proxies()
+            .await
+            .map_err(|e| status(e.into()))?;
+        Ok(Response::new(ListProxiesResponse {
+            proxies: list
+                .into_iter()
+                .map(|p| ProxyEntry {
+                    id: p.id,
+                    endpoint: p.endpoint,
+                    tls_name: p.tls_name,
+                    added_at: p.added_at,
                 })
                 .collect(),
         }))

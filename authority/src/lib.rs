@@ -7,6 +7,8 @@
 //! - [`audit`]: the hash chain and signed checkpoints;
 //! - [`seal`]: secrets at rest under the key-encryption key;
 //! - [`grpc`] and [`server`]: the public and admin gRPC services over TLS;
+//! - [`revocation`]: the driver that takes a rotation to the end at every
+//!   registered record-store proxy (freeze, tokens, erase the update secret);
 //! - [`metrics`]: Prometheus counters, served as `GET /metrics` on the admin
 //!   listener;
 //! - [`admin_client`]: signing admin calls; [`datadir`]: the data directory.
@@ -18,6 +20,7 @@ pub mod datadir;
 pub mod grpc;
 pub mod metrics;
 pub mod node;
+pub mod revocation;
 pub mod seal;
 pub mod server;
 pub mod store;

@@ -24,10 +24,11 @@ use mabe_authority::{
     store::{Store, postgres::PgStore, sqlite::SqliteStore},
 };
 use mabe_proto::v1::{
-    CheckpointRequest, CreateAttributeRequest, DecideRequestRequest, EnrollRequest, GrantRequest,
-    IssueOfflineRequest, ListAttributesRequest, ListRequestsRequest, ListRotationsRequest,
-    RevokeRequest, RotateExpiredRequest, VerifyAuditRequest,
-    authority_admin_client::AuthorityAdminClient, authority_admin_server::AuthorityAdmin as _,
+    AddProxyRequest, CheckpointRequest, CreateAttributeRequest, DecideRequestRequest,
+    EnrollRequest, GrantRequest, IssueOfflineRequest, ListAttributesRequest, ListProxiesRequest,
+    ListRequestsRequest, ListRotationsRequest, ProxyProgress, RevokeRequest, RotateExpiredRequest,
+    VerifyAuditRequest, authority_admin_client::AuthorityAdminClient,
+    authority_admin_server::AuthorityAdmin as _,
 };
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
@@ -105,6 +106,10 @@ enum Command {
         /// Sign an audit checkpoint every this many seconds; 0 turns it off.
         #[arg(long, default_value_t = 3600)]
         checkpoint_every: u64,
+        /// Drive pending rotations at the registered proxies every this many
+        /// seconds (resuming any that a crash interrupted); 0 turns it off.
+        #[arg(long, default_value_t = 10)]
+        drive_rotations_every: u64,
         /// Name (before `@`) of the emergency attribute granted on break-glass.
         #[arg(long, default_value = "emergency")]
         emergency_attribute: String,
@@ -147,7 +152,9 @@ enum Command {
         #[arg(long)]
         expires_in: Option<i64>,
     },
-    /// Remove a grant and rotate the attribute to a new version.
+    /// Remove a grant and rotate the attribute to a new version, then drive
+    /// the rotation at every registered proxy (freeze, update tokens, erase
+    /// the update secret) with progress on stderr.
     Revoke {
         /// The person's GID.
         #[arg(long)]
@@ -155,7 +162,14 @@ enum Command {
         /// Attribute name.
         #[arg(long)]
         attr: String,
+        /// Return once the rotation is recorded; `serve` drives it in the
+        /// background (follow it with `rotations`).
+        #[arg(long)]
+        no_wait: bool,
     },
+    /// Record-store proxies that revocations are driven on.
+    #[command(subcommand)]
+    Proxy(ProxyCmd),
     /// List attribute requests.
     Requests {
         /// Only requests in this state: pending, approved or denied.
@@ -193,6 +207,10 @@ enum Command {
         /// Only pending jobs.
         #[arg(long)]
         pending: bool,
+        /// Drive every pending job to the end now, at every registered proxy
+        /// (resumes jobs a crash interrupted).
+        #[arg(long)]
+        drive: bool,
     },
     /// Revoke every expired grant now (e.g. break-glass grants): one
     /// rotation per attribute. `serve` also does this on a schedule.
@@ -210,6 +228,27 @@ enum AttributeCmd {
         name: String,
     },
     /// List every attribute version with its holders.
+    List,
+}
+
+#[derive(Subcommand, Debug)]
+enum ProxyCmd {
+    /// Register a proxy (its id, as `mabe-proxy` prints it, and its endpoint).
+    Add {
+        /// The proxy's id.
+        #[arg(long)]
+        id: String,
+        /// `https://host:port` of the proxy.
+        #[arg(long)]
+        endpoint: String,
+        /// The proxy's TLS root certificate (PEM file).
+        #[arg(long = "proxy-tls-root")]
+        proxy_tls_root: PathBuf,
+        /// Name the proxy's certificate carries.
+        #[arg(long = "proxy-tls-name", default_value = "localhost")]
+        proxy_tls_name: String,
+    },
+    /// List registered proxies.
     List,
 }
 
@@ -251,7 +290,7 @@ async fn open_node_with(cli: &Cli, dir: &DataDir, config: NodeConfig) -> Result<
 /// The background duties of `serve`: revoke expired grants and sign audit
 /// checkpoints on their schedules. Errors are logged and retried on the next
 /// tick; several replicas may run this at once (see `Node::rotate_expired`).
-async fn scheduler(node: Arc<Node>, rotate_every: u64, checkpoint_every: u64) {
+async fn scheduler(node: Arc<Node>, rotate_every: u64, checkpoint_every: u64, drive_every: u64) {
     let tick = |secs: u64| {
         let mut i = tokio::time::interval(Duration::from_secs(secs.max(1)));
         i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -259,8 +298,17 @@ async fn scheduler(node: Arc<Node>, rotate_every: u64, checkpoint_every: u64) {
     };
     let mut rotate = tick(rotate_every);
     let mut checkpoint = tick(checkpoint_every);
+    let mut drive = tick(drive_every);
     loop {
         tokio::select! {
+            _ = drive.tick(), if drive_every > 0 => {
+                for (id, r) in mabe_authority::revocation::drive_pending(&node).await {
+                    match r {
+                        Ok(job) => tracing::info!(rotation = id, attribute = %job.attribute, "rotation finished at every proxy"),
+                        Err(e) => tracing::warn!(rotation = id, error = %e, "rotation not finished; retrying on the next tick"),
+                    }
+                }
+            }
             _ = rotate.tick(), if rotate_every > 0 => {
                 match node.rotate_expired().await {
                     Ok(done) => {
@@ -293,6 +341,8 @@ struct Admin {
     authority: String,
     key: SigningKey,
     target: Target,
+    /// The node, when the target is local (the revocation driver runs here).
+    node: Option<Arc<Node>>,
 }
 
 /// Sign `$req` for `AuthorityAdmin/$name` and send it to the target.
@@ -344,7 +394,8 @@ async fn admin(cli: &Cli, dir: &DataDir) -> Result<Admin> {
             Ok(Admin {
                 authority: node.authority_id().as_str().to_owned(),
                 key,
-                target: Target::Local(AdminService::new(node)),
+                target: Target::Local(AdminService::new(Arc::clone(&node))),
+                node: Some(node),
             })
         }
         Some(url) => {
@@ -380,8 +431,84 @@ async fn admin(cli: &Cli, dir: &DataDir) -> Result<Admin> {
                     AuthorityAdminClient::new(channel)
                         .max_decoding_message_size(mabe_proto::MAX_MESSAGE_BYTES),
                 ),
+                node: None,
             })
         }
+    }
+}
+
+/// One line of a rotation's progress at a proxy: rows, rate, ETA.
+fn progress_line(p: &ProxyProgress) -> String {
+    let secs = (p.updated_at - p.frozen_at).max(1) as f64;
+    let rate = p.rows_done as f64 / secs;
+    let left = (p.rows_total - p.rows_done).max(0);
+    let eta = if p.done_at != 0 {
+        "done".to_owned()
+    } else if rate > 0.0 {
+        format!("ETA {:.0} s", left as f64 / rate)
+    } else {
+        "ETA unknown".to_owned()
+    };
+    format!(
+        "proxy {}: {}/{} rows ({:.0} rows/s, {eta})",
+        p.proxy_id, p.rows_done, p.rows_total, rate
+    )
+}
+
+/// Take a rotation to the end: here (local target), with progress on
+/// stderr; or, against a running node, by waiting for its driver.
+async fn follow_rotation(a: &mut Admin, rotation_id: i64) -> Result<()> {
+    if let Some(node) = a.node.clone() {
+        let report = |p: &mabe_authority::store::RotationProgress| {
+            eprintln!(
+                "{}",
+                progress_line(&ProxyProgress {
+                    proxy_id: p.proxy_id.clone(),
+                    rows_total: p.rows_total,
+                    rows_done: p.rows_done,
+                    frozen_at: p.frozen_at,
+                    updated_at: p.updated_at,
+                    done_at: p.done_at.unwrap_or(0),
+                })
+            );
+        };
+        let job = mabe_authority::revocation::drive_rotation(&node, rotation_id, &report)
+            .await
+            .with_context(|| {
+                format!(
+                    "rotation #{rotation_id} is not finished; it resumes when `serve` runs \
+                     or with `rotations --drive`"
+                )
+            })?;
+        println!(
+            "rotation #{} done: every stored row is at version {}; update secret erased",
+            job.id, job.to_version
+        );
+        return Ok(());
+    }
+    loop {
+        let list = admin_call!(
+            a,
+            list_rotations,
+            "ListRotations",
+            ListRotationsRequest {
+                pending_only: false
+            }
+        )?;
+        let Some(r) = list.rotations.into_iter().find(|r| r.id == rotation_id) else {
+            bail!("rotation #{rotation_id} is not known to the node");
+        };
+        for p in &r.progress {
+            eprintln!("{}", progress_line(p));
+        }
+        if r.state == "done" {
+            println!(
+                "rotation #{} done: every stored row is at version {}; update secret erased",
+                r.id, r.to_version
+            );
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
     }
 }
 
@@ -446,6 +573,7 @@ async fn run(cli: Cli) -> Result<i32> {
             request_timeout,
             rotate_expired_every,
             checkpoint_every,
+            drive_rotations_every,
             emergency_attribute,
             emergency_role,
             break_glass_hours,
@@ -468,6 +596,7 @@ async fn run(cli: Cli) -> Result<i32> {
                 Arc::clone(&node),
                 *rotate_expired_every,
                 *checkpoint_every,
+                *drive_rotations_every,
             ));
             let served = serve(
                 node,
@@ -551,7 +680,7 @@ async fn run(cli: Cli) -> Result<i32> {
             let g = admin_call!(&mut a, grant, "Grant", req)?;
             println!("granted {} to {}", g.attribute, hex::encode(g.gid));
         }
-        Command::Revoke { gid, attr } => {
+        Command::Revoke { gid, attr, no_wait } => {
             let req = RevokeRequest {
                 gid: gid_bytes(gid)?,
                 attribute: attr.clone(),
@@ -562,6 +691,39 @@ async fn run(cli: Cli) -> Result<i32> {
                 "revoked; {} is now version {} ({} remaining holder(s) get it on their next fetch)",
                 r.attribute, r.new_version, r.reissued_to
             );
+            if *no_wait {
+                println!(
+                    "rotation #{} recorded; `serve` drives it at the proxies (follow with `rotations`)",
+                    r.rotation_id
+                );
+            } else {
+                follow_rotation(&mut a, r.rotation_id).await?;
+            }
+        }
+        Command::Proxy(ProxyCmd::Add {
+            id,
+            endpoint,
+            proxy_tls_root,
+            proxy_tls_name,
+        }) => {
+            let root = std::fs::read(proxy_tls_root)
+                .with_context(|| format!("reading {}", proxy_tls_root.display()))?;
+            let req = AddProxyRequest {
+                id: id.clone(),
+                endpoint: endpoint.clone(),
+                tls_root: root,
+                tls_name: proxy_tls_name.clone(),
+            };
+            let mut a = admin(&cli, &dir).await?;
+            let p = admin_call!(&mut a, add_proxy, "AddProxy", req)?;
+            println!("registered proxy {} at {}", p.id, p.endpoint);
+        }
+        Command::Proxy(ProxyCmd::List) => {
+            let mut a = admin(&cli, &dir).await?;
+            let list = admin_call!(&mut a, list_proxies, "ListProxies", ListProxiesRequest {})?;
+            for p in list.proxies {
+                println!("{:<24} {} (TLS name {})", p.id, p.endpoint, p.tls_name);
+            }
         }
         Command::Requests { state } => {
             let state = match state.as_deref() {
@@ -616,17 +778,26 @@ async fn run(cli: Cli) -> Result<i32> {
             }
             println!("wrote {} key(s) to {}", issued.keys.len(), out.display());
         }
-        Command::Rotations { pending } => {
+        Command::Rotations { pending, drive } => {
             let req = ListRotationsRequest {
-                pending_only: *pending,
+                pending_only: *pending || *drive,
             };
             let mut a = admin(&cli, &dir).await?;
+            if *drive {
+                let list = admin_call!(&mut a, list_rotations, "ListRotations", req)?;
+                for r in list.rotations {
+                    follow_rotation(&mut a, r.id).await?;
+                }
+            }
             let list = admin_call!(&mut a, list_rotations, "ListRotations", req)?;
             for r in list.rotations {
                 println!(
                     "#{:<4} {:<40} v{} -> v{} {:<8} {}",
                     r.id, r.attribute, r.from_version, r.to_version, r.state, r.reason
                 );
+                for p in &r.progress {
+                    println!("      {}", progress_line(p));
+                }
             }
         }
         Command::RotateExpired => {

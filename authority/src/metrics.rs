@@ -83,6 +83,8 @@ const SERVICES: [(&str, &str, &[&str]); 3] = [
             "ListRotations",
             "IssueOffline",
             "RotateExpired",
+            "AddProxy",
+            "ListProxies",
         ],
     ),
     ("grpc.health.v1.Health", "health", &["Check", "Watch"]),
@@ -562,7 +564,7 @@ mod tests {
                 rpcs += 1;
             }
         }
-        assert_eq!(rpcs, 17);
+        assert_eq!(rpcs, 19);
     }
 
     #[test]

@@ -65,6 +65,15 @@ pub enum NodeError {
     /// A cryptographic object in storage did not decode.
     #[error("cryptography: {0}")]
     Crypto(#[from] AbeError),
+    /// A record-store proxy could not be reached, refused a call, or
+    /// answered something the revocation flow cannot accept.
+    #[error("proxy {proxy}: {detail}")]
+    Proxy {
+        /// The proxy's id.
+        proxy: String,
+        /// What went wrong.
+        detail: String,
+    },
 }
 
 impl From<StoreError> for NodeError {
@@ -352,6 +361,28 @@ impl Node {
     /// The identity public key (clients pin it).
     pub fn identity_public_key(&self) -> VerifyingKey {
         self.identity.verifying_key()
+    }
+
+    /// Sign a call to the record-store proxy `proxy` with the identity key
+    /// (`mabe_proto::signing::sign_proxy_request`); the key never leaves
+    /// the node.
+    pub fn sign_proxy_call<T: prost::Message>(
+        &self,
+        msg: T,
+        proxy: &str,
+        method: &str,
+    ) -> NodeResult<tonic::Request<T>> {
+        mabe_proto::signing::sign_proxy_request(
+            msg,
+            proxy,
+            self.id.as_str(),
+            method,
+            &self.identity,
+        )
+        .map_err(|e| NodeError::Proxy {
+            proxy: proxy.to_owned(),
+            detail: e.to_string(),
+        })
     }
 
     /// The admin public key (admin calls must be signed by its secret half).
@@ -648,6 +679,56 @@ impl Node {
             rotation_id: job.id,
             remaining_holders,
         })
+    }
+
+    /// Register a record-store proxy that revocations are driven on. The
+    /// id is the proxy's own (`mabe-proxy` prints it); the TLS root is
+    /// checked to be PEM.
+    pub async fn add_proxy(
+        &self,
+        id: &str,
+        endpoint: &str,
+        tls_root: &[u8],
+        tls_name: &str,
+    ) -> NodeResult<crate::store::ProxyRecord> {
+        let valid_id = !id.is_empty()
+            && id.len() <= 63
+            && id
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        if !valid_id {
+            return Err(NodeError::InvalidArgument(
+                "a proxy id is 1-63 characters of a-z, 0-9 and '-'".into(),
+            ));
+        }
+        if !endpoint.starts_with("https://") || endpoint.len() > 2048 {
+            return Err(NodeError::InvalidArgument(
+                "a proxy endpoint is an https:// URL".into(),
+            ));
+        }
+        if tls_root.len() > 64 * 1024
+            || !tls_root
+                .windows(27)
+                .any(|w| w == b"-----BEGIN CERTIFICATE-----")
+        {
+            return Err(NodeError::InvalidArgument(
+                "the proxy's TLS root must be a PEM certificate (at most 64 KiB)".into(),
+            ));
+        }
+        if tls_name.is_empty() || tls_name.len() > 253 {
+            return Err(NodeError::InvalidArgument("a TLS name is required".into()));
+        }
+        let p = crate::store::ProxyRecord {
+            id: id.to_owned(),
+            endpoint: endpoint.to_owned(),
+            tls_root: tls_root.to_vec(),
+            tls_name: tls_name.to_owned(),
+            added_at: now(),
+        };
+        let mut ev = event("add-proxy", "admin");
+        ev.detail = format!("proxy {id} at {endpoint}");
+        self.store.add_proxy(&p, ev).await?;
+        Ok(p)
     }
 
     /// Rotation jobs, oldest first (only pending ones if `pending_only`).

@@ -469,8 +469,12 @@ fn admin_commands_drive_a_running_node_with_remote() {
     );
     let (authority, keys) = mabe_proto::bundle::decode(&std::fs::read(&bundle).unwrap()).unwrap();
     assert_eq!((authority.as_str(), keys.len()), ("hospital-a", 1));
-    assert!(rok(&["revoke", "--gid", &gid, "--attr", "cardiology"]).contains("version 2"));
-    assert!(rok(&["rotations", "--pending"]).contains("v1 -> v2"));
+    let revoked = rok(&["revoke", "--gid", &gid, "--attr", "cardiology", "--no-wait"]);
+    assert!(
+        revoked.contains("version 2") && revoked.contains("rotation #1 recorded"),
+        "{revoked}"
+    );
+    assert!(rok(&["rotations"]).contains("v1 -> v2"));
     assert!(rok(&["audit", "checkpoint"]).contains("checkpoint signed at entry"));
     assert!(rok(&["audit", "verify"]).contains("audit log verifies"));
 

@@ -359,6 +359,42 @@ pub struct Checkpoint {
     pub signature: Vec<u8>,
 }
 
+/// A record-store proxy this authority drives revocations on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProxyRecord {
+    /// The proxy's id (the audience of the authority's signed calls).
+    pub id: String,
+    /// `https://host:port` of its listener.
+    pub endpoint: String,
+    /// TLS root certificate (PEM) to trust for it.
+    pub tls_root: Vec<u8>,
+    /// Name its certificate must carry.
+    pub tls_name: String,
+    /// Unix seconds.
+    pub added_at: i64,
+}
+
+/// A rotation's progress at one proxy.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RotationProgress {
+    /// The rotation.
+    pub rotation_id: i64,
+    /// The proxy.
+    pub proxy_id: String,
+    /// Merkle root of the rows the proxy froze (fixed at the first freeze).
+    pub snapshot_root: [u8; 32],
+    /// Rows in the snapshot.
+    pub rows_total: i64,
+    /// Rows known to be updated.
+    pub rows_done: i64,
+    /// Unix seconds of the first freeze.
+    pub frozen_at: i64,
+    /// Unix seconds of the last progress report.
+    pub updated_at: i64,
+    /// Unix seconds when every row was updated.
+    pub done_at: Option<i64>,
+}
+
 /// Storage for one authority node.
 #[async_trait]
 pub trait Store: Send + Sync + fmt::Debug {
@@ -420,6 +456,26 @@ pub trait Store: Send + Sync + fmt::Debug {
     async fn grants_for(&self, gid: &[u8; 32]) -> StoreResult<Vec<GrantRecord>>;
     /// Active grants of one attribute.
     async fn holders(&self, attribute: &str) -> StoreResult<Vec<GrantRecord>>;
+    /// Register a proxy (`AlreadyExists` if its id is taken).
+    async fn add_proxy(&self, proxy: &ProxyRecord, ev: AuditEvent) -> StoreResult<()>;
+    /// Registered proxies, by id.
+    async fn proxies(&self) -> StoreResult<Vec<ProxyRecord>>;
+    /// Record that `progress.proxy_id` froze the rotation's rows, or return
+    /// what was recorded at the first freeze. `Conflict` if the snapshot
+    /// root or row count differs from the first freeze's.
+    async fn record_freeze(&self, progress: &RotationProgress) -> StoreResult<RotationProgress>;
+    /// Update the rows done at a proxy; with `done`, also mark it finished
+    /// and append `ev` (the token batch audit entry) in the same transaction.
+    async fn record_progress(
+        &self,
+        rotation_id: i64,
+        proxy_id: &str,
+        rows_done: i64,
+        at: i64,
+        done: Option<AuditEvent>,
+    ) -> StoreResult<()>;
+    /// Progress of a rotation at every proxy that froze it.
+    async fn rotation_progress(&self, rotation_id: i64) -> StoreResult<Vec<RotationProgress>>;
     /// Active grants (not revoked) whose expiry is at or before `at`, oldest
     /// expiry first.
     async fn expired_grants(&self, at: i64) -> StoreResult<Vec<GrantRecord>>;
@@ -470,4 +526,22 @@ pub trait Store: Send + Sync + fmt::Debug {
     async fn add_checkpoint(&self, cp: &Checkpoint) -> StoreResult<()>;
     /// All checkpoints, ordered by seq.
     async fn checkpoints(&self) -> StoreResult<Vec<Checkpoint>>;
+}
+
+/// `Conflict` unless a repeated freeze reports the snapshot recorded at the
+/// first one (same root, same number of rows).
+pub fn check_same_snapshot(stored: &RotationProgress, now: &RotationProgress) -> StoreResult<()> {
+    if stored.snapshot_root != now.snapshot_root || stored.rows_total != now.rows_total {
+        return Err(StoreError::Conflict(format!(
+            "proxy {} reports a different snapshot for rotation {} than at its first freeze \
+             ({} rows, root {}; first: {} rows, root {})",
+            now.proxy_id,
+            now.rotation_id,
+            now.rows_total,
+            hex::encode(now.snapshot_root),
+            stored.rows_total,
+            hex::encode(stored.snapshot_root)
+        )));
+    }
+    Ok(())
 }

@@ -24,8 +24,9 @@ use tokio_postgres::{Client, NoTls, Row, Transaction};
 
 use super::{
     AttributeRecord, AuditEntry, AuditEvent, AuthorityMeta, Checkpoint, GrantRecord, NewRotation,
-    NonceUse, PersonRecord, RequestRecord, RequestState, RotationRecord, RotationState, Store,
-    StoreError, StoreResult, VersionState,
+    NonceUse, PersonRecord, ProxyRecord, RequestRecord, RequestState, RotationProgress,
+    RotationRecord, RotationState, Store, StoreError, StoreResult, VersionState,
+    check_same_snapshot,
 };
 use crate::audit::entry_hash;
 
@@ -36,6 +37,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (
         2,
         include_str!("../../migrations/postgres/0002_rotations.sql"),
+    ),
+    (
+        3,
+        include_str!("../../migrations/postgres/0003_proxies.sql"),
     ),
 ];
 
@@ -520,6 +525,40 @@ async fn begin_audited(client: &mut Client) -> StoreResult<Transaction<'_>> {
 }
 
 /// Append `ev` to the audit chain inside a transaction from [`begin_audited`].
+/// Progress rows of a rotation (one proxy's, or all, by proxy id).
+async fn progress_rows(
+    tx: &Transaction<'_>,
+    rotation_id: i64,
+    proxy: Option<&str>,
+) -> StoreResult<Vec<RotationProgress>> {
+    let rows = tx
+        .query(
+            "SELECT rotation_id, proxy_id, snapshot_root, rows_total, rows_done, frozen_at,
+                    updated_at, done_at
+             FROM rotation_proxies
+             WHERE rotation_id = $1 AND ($2::TEXT IS NULL OR proxy_id = $2)
+             ORDER BY proxy_id",
+            &[&rotation_id, &proxy],
+        )
+        .await
+        .map_err(pg_err)?;
+    rows.iter()
+        .map(|r| {
+            let root: Vec<u8> = get(r, 2)?;
+            Ok(RotationProgress {
+                rotation_id: get(r, 0)?,
+                proxy_id: get(r, 1)?,
+                snapshot_root: to32(&root, "snapshot root")?,
+                rows_total: get(r, 3)?,
+                rows_done: get(r, 4)?,
+                frozen_at: get(r, 5)?,
+                updated_at: get(r, 6)?,
+                done_at: get(r, 7)?,
+            })
+        })
+        .collect()
+}
+
 /// Record a nonce (forgetting old ones); `false` if it was seen before.
 async fn spend_nonce(tx: &Transaction<'_>, n: &NonceUse) -> StoreResult<bool> {
     // SKIP LOCKED: concurrent callers prune disjoint rows instead of
@@ -1071,6 +1110,127 @@ impl Store for PgStore {
             .await
             .map_err(pg_err)?;
         rows.iter().map(grant_from).collect()
+    }
+
+    async fn add_proxy(&self, proxy: &ProxyRecord, ev: AuditEvent) -> StoreResult<()> {
+        let p = proxy.clone();
+        self.write(move |tx| {
+            Box::pin(async move {
+                tx.execute(
+                    "INSERT INTO proxies (id, endpoint, tls_root, tls_name, added_at)
+                     VALUES ($1, $2, $3, $4, $5)",
+                    &[&p.id, &p.endpoint, &p.tls_root, &p.tls_name, &p.added_at],
+                )
+                .await
+                .map_err(|e| match pg_err(e) {
+                    StoreError::AlreadyExists(_) => {
+                        StoreError::AlreadyExists(format!("proxy {} is already registered", p.id))
+                    }
+                    other => other,
+                })?;
+                append(tx, &ev).await?;
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn proxies(&self) -> StoreResult<Vec<ProxyRecord>> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT id, endpoint, tls_root, tls_name, added_at FROM proxies ORDER BY id",
+                &[],
+            )
+            .await
+            .map_err(pg_err)?;
+        rows.iter()
+            .map(|r| {
+                Ok(ProxyRecord {
+                    id: get(r, 0)?,
+                    endpoint: get(r, 1)?,
+                    tls_root: get(r, 2)?,
+                    tls_name: get(r, 3)?,
+                    added_at: get(r, 4)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn record_freeze(&self, progress: &RotationProgress) -> StoreResult<RotationProgress> {
+        let p = progress.clone();
+        self.write(move |tx| {
+            Box::pin(async move {
+                tx.execute(
+                    "INSERT INTO rotation_proxies (rotation_id, proxy_id, snapshot_root, rows_total,
+                         rows_done, frozen_at, updated_at, done_at)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, NULL)
+                     ON CONFLICT (rotation_id, proxy_id) DO NOTHING",
+                    &[
+                        &p.rotation_id,
+                        &p.proxy_id,
+                        &p.snapshot_root.as_slice(),
+                        &p.rows_total,
+                        &p.rows_done,
+                        &p.frozen_at,
+                        &p.updated_at,
+                    ],
+                )
+                .await
+                .map_err(pg_err)?;
+                let stored = progress_rows(tx, p.rotation_id, Some(&p.proxy_id))
+                    .await?
+                    .into_iter()
+                    .next()
+                    .ok_or_else(|| StoreError::Backend("freeze record vanished".into()))?;
+                check_same_snapshot(&stored, &p)?;
+                Ok(stored)
+            })
+        })
+        .await
+    }
+
+    async fn record_progress(
+        &self,
+        rotation_id: i64,
+        proxy_id: &str,
+        rows_done: i64,
+        at: i64,
+        done: Option<AuditEvent>,
+    ) -> StoreResult<()> {
+        let proxy_id = proxy_id.to_owned();
+        self.write(move |tx| {
+            Box::pin(async move {
+                let changed = tx
+                    .execute(
+                        "UPDATE rotation_proxies
+                         SET rows_done = GREATEST(rows_done, $1), updated_at = $2,
+                             done_at = CASE WHEN $3 THEN COALESCE(done_at, $2) ELSE done_at END
+                         WHERE rotation_id = $4 AND proxy_id = $5",
+                        &[&rows_done, &at, &done.is_some(), &rotation_id, &proxy_id],
+                    )
+                    .await
+                    .map_err(pg_err)?;
+                if changed == 0 {
+                    return Err(StoreError::NotFound(format!(
+                        "rotation {rotation_id} was not frozen at proxy {proxy_id}"
+                    )));
+                }
+                if let Some(ev) = &done {
+                    append(tx, ev).await?;
+                }
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn rotation_progress(&self, rotation_id: i64) -> StoreResult<Vec<RotationProgress>> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg_err)?;
+        let out = progress_rows(&tx, rotation_id, None).await?;
+        tx.commit().await.map_err(pg_err)?;
+        Ok(out)
     }
 
     async fn expired_grants(&self, at: i64) -> StoreResult<Vec<GrantRecord>> {

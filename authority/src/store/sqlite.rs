@@ -21,8 +21,9 @@ use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 
 use super::{
     AttributeRecord, AuditEntry, AuditEvent, AuthorityMeta, Checkpoint, GrantRecord, NewRotation,
-    NonceUse, PersonRecord, RequestRecord, RequestState, RotationRecord, RotationState, Store,
-    StoreError, StoreResult, VersionState,
+    NonceUse, PersonRecord, ProxyRecord, RequestRecord, RequestState, RotationProgress,
+    RotationRecord, RotationState, Store, StoreError, StoreResult, VersionState,
+    check_same_snapshot,
 };
 use crate::audit::entry_hash;
 
@@ -34,6 +35,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
         2,
         include_str!("../../migrations/sqlite/0002_rotations.sql"),
     ),
+    (3, include_str!("../../migrations/sqlite/0003_proxies.sql")),
 ];
 
 /// How long a writer waits for another process's write lock.
@@ -756,6 +758,47 @@ fn insert_grant(conn: &Connection, g: &GrantRecord) -> StoreResult<()> {
     Ok(())
 }
 
+/// Progress rows of a rotation (one proxy's, or all, by proxy id).
+fn progress_rows(
+    conn: &Connection,
+    rotation_id: i64,
+    proxy: Option<&str>,
+) -> StoreResult<Vec<RotationProgress>> {
+    type Raw = (i64, String, Vec<u8>, i64, i64, i64, i64, Option<i64>);
+    query_all(
+        conn,
+        "SELECT rotation_id, proxy_id, snapshot_root, rows_total, rows_done, frozen_at,
+                updated_at, done_at
+         FROM rotation_proxies WHERE rotation_id = ?1 AND (?2 IS NULL OR proxy_id = ?2)
+         ORDER BY proxy_id",
+        params![rotation_id, proxy],
+        |r| -> rusqlite::Result<Raw> {
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+                r.get(6)?,
+                r.get(7)?,
+            ))
+        },
+        |(rotation_id, proxy_id, root, rows_total, rows_done, frozen_at, updated_at, done_at)| {
+            Ok(RotationProgress {
+                rotation_id,
+                proxy_id,
+                snapshot_root: to32(&root, "snapshot root")?,
+                rows_total,
+                rows_done,
+                frozen_at,
+                updated_at,
+                done_at,
+            })
+        },
+    )
+}
+
 /// Record a nonce (forgetting old ones); `false` if it was seen before.
 fn spend_nonce(conn: &Connection, n: &NonceUse) -> StoreResult<bool> {
     conn.prepare_cached("DELETE FROM nonces WHERE seen_at < ?1")
@@ -1173,6 +1216,124 @@ impl Store for SqliteStore {
             )
         })
         .await
+    }
+
+    async fn add_proxy(&self, proxy: &ProxyRecord, ev: AuditEvent) -> StoreResult<()> {
+        let p = proxy.clone();
+        self.write(move |tx| {
+            tx.prepare_cached(
+                "INSERT INTO proxies (id, endpoint, tls_root, tls_name, added_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+            )
+            .map_err(db_err)?
+            .execute(params![
+                p.id, p.endpoint, p.tls_root, p.tls_name, p.added_at
+            ])
+            .map_err(|e| match db_err(e) {
+                StoreError::AlreadyExists(_) => {
+                    StoreError::AlreadyExists(format!("proxy {} is already registered", p.id))
+                }
+                other => other,
+            })?;
+            append(tx, &ev)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn proxies(&self) -> StoreResult<Vec<ProxyRecord>> {
+        self.call(move |conn| {
+            query_all(
+                conn,
+                "SELECT id, endpoint, tls_root, tls_name, added_at FROM proxies ORDER BY id",
+                [],
+                |r| {
+                    Ok(ProxyRecord {
+                        id: r.get(0)?,
+                        endpoint: r.get(1)?,
+                        tls_root: r.get(2)?,
+                        tls_name: r.get(3)?,
+                        added_at: r.get(4)?,
+                    })
+                },
+                Ok,
+            )
+        })
+        .await
+    }
+
+    async fn record_freeze(&self, progress: &RotationProgress) -> StoreResult<RotationProgress> {
+        let p = progress.clone();
+        self.write(move |tx| {
+            tx.prepare_cached(
+                "INSERT INTO rotation_proxies (rotation_id, proxy_id, snapshot_root, rows_total,
+                     rows_done, frozen_at, updated_at, done_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, NULL)
+                 ON CONFLICT (rotation_id, proxy_id) DO NOTHING",
+            )
+            .map_err(db_err)?
+            .execute(params![
+                p.rotation_id,
+                p.proxy_id,
+                &p.snapshot_root[..],
+                p.rows_total,
+                p.rows_done,
+                p.frozen_at,
+                p.updated_at
+            ])
+            .map_err(db_err)?;
+            let stored = progress_rows(tx, p.rotation_id, Some(&p.proxy_id))?
+                .into_iter()
+                .next()
+                .ok_or_else(|| StoreError::Backend("freeze record vanished".into()))?;
+            check_same_snapshot(&stored, &p)?;
+            Ok(stored)
+        })
+        .await
+    }
+
+    async fn record_progress(
+        &self,
+        rotation_id: i64,
+        proxy_id: &str,
+        rows_done: i64,
+        at: i64,
+        done: Option<AuditEvent>,
+    ) -> StoreResult<()> {
+        let proxy_id = proxy_id.to_owned();
+        self.write(move |tx| {
+            let changed = tx
+                .prepare_cached(
+                    "UPDATE rotation_proxies
+                     SET rows_done = MAX(rows_done, ?1), updated_at = ?2,
+                         done_at = CASE WHEN ?3 THEN COALESCE(done_at, ?2) ELSE done_at END
+                     WHERE rotation_id = ?4 AND proxy_id = ?5",
+                )
+                .map_err(db_err)?
+                .execute(params![
+                    rows_done,
+                    at,
+                    done.is_some(),
+                    rotation_id,
+                    proxy_id
+                ])
+                .map_err(db_err)?;
+            if changed == 0 {
+                return Err(StoreError::NotFound(format!(
+                    "rotation {rotation_id} was not frozen at proxy {proxy_id}"
+                )));
+            }
+            if let Some(ev) = &done {
+                append(tx, ev)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn rotation_progress(&self, rotation_id: i64) -> StoreResult<Vec<RotationProgress>> {
+        self.call(move |conn| progress_rows(conn, rotation_id, None))
+            .await
     }
 
     async fn expired_grants(&self, at: i64) -> StoreResult<Vec<GrantRecord>> {

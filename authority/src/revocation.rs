@@ -1,0 +1,481 @@
+//! The revocation driver (DESIGN §3, steps 2–5): takes a pending rotation
+//! job to the end at every registered record-store proxy.
+//!
+//! For each proxy, in order:
+//! 1. **Freeze** `(attribute, old version)`: the proxy refuses new uploads at
+//!    that version and returns the snapshot of affected rows. The driver
+//!    rebuilds the snapshot, checks its Merkle root against the proxy's, and
+//!    records root and row count at the first freeze; a later freeze (after
+//!    a crash) must report the same snapshot, or the job stops.
+//! 2. **Tokens**: for every row still at the old version (the proxy's
+//!    `FreezeStatus`), compute `T1 = e(C2, g2^Δα)`, `T3 = C2^Δy` on every
+//!    core, only for rows inside the snapshot, and send them whole records at
+//!    a time (the proxy updates all rows of a record in one transaction, and
+//!    acknowledges repeats without applying them twice).
+//! 3. When the proxy reports no pending row, record it as done with a
+//!    `token-batch` audit entry.
+//!
+//! When every proxy is done, the update secret is erased
+//! ([`Node::finish_rotation`]); remaining holders get the new version's key
+//! on their next fetch. Every step is idempotent, so a crash of the
+//! authority, the proxy or the database at any point is handled by running
+//! the driver again: `serve` does so on a schedule, and several replicas may
+//! run it at once (the proxy's per-row idempotence keeps updates exactly
+//! once; they may duplicate token computation).
+
+use std::{sync::Arc, time::Duration};
+
+use ark_std::rand::rngs::OsRng;
+use mabe_abe::{RecordId, Snapshot, SnapshotRow, TokenGenerator, UpdateSecret, Version};
+use mabe_proto::{
+    signing::{METHOD_APPLY_TOKENS, METHOD_FREEZE, METHOD_FREEZE_STATUS},
+    v1::{
+        ApplyOutcome, ApplyTokensRequest, FreezeRequest, FreezeStatusRequest, FreezeStatusResponse,
+        freeze_response, proxy_authority_client::ProxyAuthorityClient,
+    },
+};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+
+use crate::{
+    node::{Node, NodeError, NodeResult, now},
+    store::{AuditEvent, ProxyRecord, RotationProgress, RotationRecord, RotationState},
+};
+
+/// Tokens per `ApplyTokens` call (each token is about 700 bytes).
+pub const TOKENS_PER_CALL: usize = 1024;
+/// Rows computed per round (then sent while the next round computes).
+pub const ROWS_PER_ROUND: usize = 4096;
+/// Pending rows asked for per `FreezeStatus` page.
+const STATUS_PAGE: u32 = 10_000;
+
+fn proxy_err(proxy: &str, detail: impl std::fmt::Display) -> NodeError {
+    NodeError::Proxy {
+        proxy: proxy.to_owned(),
+        detail: detail.to_string(),
+    }
+}
+
+/// Connect to a registered proxy over TLS, trusting only its pinned root.
+pub async fn connect(p: &ProxyRecord) -> NodeResult<ProxyAuthorityClient<Channel>> {
+    let channel = Endpoint::from_shared(p.endpoint.clone())
+        .map_err(|e| proxy_err(&p.id, format!("bad endpoint {}: {e}", p.endpoint)))?
+        .tls_config(
+            ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(&p.tls_root))
+                .domain_name(p.tls_name.clone()),
+        )
+        .map_err(|e| proxy_err(&p.id, e))?
+        .timeout(Duration::from_secs(120))
+        .connect()
+        .await
+        .map_err(|e| proxy_err(&p.id, format!("cannot connect to {}: {e}", p.endpoint)))?;
+    Ok(ProxyAuthorityClient::new(channel)
+        .max_decoding_message_size(mabe_proto::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(mabe_proto::MAX_MESSAGE_BYTES))
+}
+
+fn decode_row(proxy: &str, r: &mabe_proto::v1::SnapshotRow) -> NodeResult<SnapshotRow> {
+    let id: [u8; 16] = r
+        .record_id
+        .as_slice()
+        .try_into()
+        .map_err(|_| proxy_err(proxy, "a snapshot row's record id is not 16 bytes"))?;
+    Ok(SnapshotRow {
+        record: RecordId::from_bytes(id),
+        row: r.row,
+        c2: mabe_abe::wire::decode_g1(&r.c2, "snapshot C2").map_err(|e| proxy_err(proxy, e))?,
+    })
+}
+
+/// Drive rotation `rotation_id` at every registered proxy, then erase its
+/// update secret. `report` is called after every step with the progress at
+/// the proxy being driven. Returns the finished job.
+pub async fn drive_rotation(
+    node: &Arc<Node>,
+    rotation_id: i64,
+    report: &(dyn Fn(&RotationProgress) + Send + Sync),
+) -> NodeResult<RotationRecord> {
+    let job = node
+        .rotations(false)
+        .await?
+        .into_iter()
+        .find(|r| r.id == rotation_id)
+        .ok_or_else(|| NodeError::NotFound(format!("rotation {rotation_id} does not exist")))?;
+    if job.state == RotationState::Done {
+        return Ok(job);
+    }
+    let secret = node.update_secret(&job)?;
+    for proxy in node.store().proxies().await? {
+        drive_proxy(node, &job, &secret, &proxy, report).await?;
+    }
+    match node.finish_rotation(rotation_id).await {
+        Ok(done) => Ok(done),
+        // Another replica finished it first.
+        Err(NodeError::Conflict(_)) => node
+            .rotations(false)
+            .await?
+            .into_iter()
+            .find(|r| r.id == rotation_id)
+            .ok_or_else(|| NodeError::NotFound(format!("rotation {rotation_id} vanished"))),
+        Err(e) => Err(e),
+    }
+}
+
+/// Drive every pending rotation (oldest first); errors are returned after
+/// trying them all, so one unreachable proxy does not hold up the others.
+pub async fn drive_pending(node: &Arc<Node>) -> Vec<(i64, NodeResult<RotationRecord>)> {
+    let jobs = match node.rotations(true).await {
+        Ok(j) => j,
+        Err(e) => return vec![(0, Err(e))],
+    };
+    let mut out = Vec::new();
+    for job in jobs {
+        let r = drive_rotation(node, job.id, &|_| {}).await;
+        out.push((job.id, r));
+    }
+    out
+}
+
+async fn freeze(
+    node: &Node,
+    client: &mut ProxyAuthorityClient<Channel>,
+    job: &RotationRecord,
+    proxy: &ProxyRecord,
+    from: Version,
+) -> NodeResult<(Snapshot, RotationProgress)> {
+    let attribute: mabe_abe::Attribute = job
+        .attribute
+        .parse()
+        .map_err(|e| NodeError::InvalidArgument(format!("rotation attribute: {e}")))?;
+    let req = node.sign_proxy_call(
+        FreezeRequest {
+            attribute: job.attribute.clone(),
+            version: job.from_version,
+        },
+        &proxy.id,
+        METHOD_FREEZE,
+    )?;
+    let mut stream = client
+        .freeze(req)
+        .await
+        .map_err(|s| proxy_err(&proxy.id, format!("freeze refused: {}", s.message())))?
+        .into_inner();
+    let mut summary = None;
+    let mut snapshot = Snapshot::new(attribute, from);
+    while let Some(msg) = stream
+        .message()
+        .await
+        .map_err(|s| proxy_err(&proxy.id, format!("freeze stream: {}", s.message())))?
+    {
+        match msg.part {
+            Some(freeze_response::Part::Summary(s)) if summary.is_none() => summary = Some(s),
+            Some(freeze_response::Part::Rows(rows)) if summary.is_some() => {
+                for r in &rows.rows {
+                    snapshot
+                        .insert(decode_row(&proxy.id, r)?)
+                        .map_err(|e| proxy_err(&proxy.id, e))?;
+                }
+            }
+            _ => return Err(proxy_err(&proxy.id, "freeze stream out of order")),
+        }
+    }
+    let summary = summary.ok_or_else(|| proxy_err(&proxy.id, "freeze stream without summary"))?;
+    if summary.attribute != job.attribute || summary.version != job.from_version {
+        return Err(proxy_err(
+            &proxy.id,
+            "freeze summary is for another version",
+        ));
+    }
+    let root = snapshot.merkle_root();
+    if summary.rows != snapshot.len() as u64 || summary.merkle_root.as_slice() != root {
+        return Err(proxy_err(
+            &proxy.id,
+            "the snapshot rows do not match the proxy's own count and Merkle root",
+        ));
+    }
+    let t = now();
+    let progress = node
+        .store()
+        .record_freeze(&RotationProgress {
+            rotation_id: job.id,
+            proxy_id: proxy.id.clone(),
+            snapshot_root: root,
+            rows_total: i64::try_from(snapshot.len()).unwrap_or(i64::MAX),
+            rows_done: 0,
+            frozen_at: t,
+            updated_at: t,
+            done_at: None,
+        })
+        .await?;
+    Ok((snapshot, progress))
+}
+
+async fn status_page(
+    node: &Node,
+    client: &mut ProxyAuthorityClient<Channel>,
+    job: &RotationRecord,
+    proxy: &str,
+    page_token: Vec<u8>,
+    page_size: u32,
+) -> NodeResult<FreezeStatusResponse> {
+    let req = node.sign_proxy_call(
+        FreezeStatusRequest {
+            attribute: job.attribute.clone(),
+            version: job.from_version,
+            page_token,
+            page_size,
+        },
+        proxy,
+        METHOD_FREEZE_STATUS,
+    )?;
+    Ok(client
+        .freeze_status(req)
+        .await
+        .map_err(|s| proxy_err(proxy, format!("status refused: {}", s.message())))?
+        .into_inner())
+}
+
+/// Every row still pending at the proxy, in (record, row) order.
+async fn pending_rows(
+    node: &Node,
+    client: &mut ProxyAuthorityClient<Channel>,
+    job: &RotationRecord,
+    proxy: &str,
+) -> NodeResult<(u64, Vec<SnapshotRow>)> {
+    let mut rows = Vec::new();
+    let mut token = Vec::new();
+    let mut pending = None;
+    loop {
+        let page = status_page(node, client, job, proxy, token, STATUS_PAGE).await?;
+        pending.get_or_insert(page.pending_rows);
+        for r in &page.pending {
+            rows.push(decode_row(proxy, r)?);
+        }
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    Ok((pending.unwrap_or(0), rows))
+}
+
+/// Compute the tokens of `rows` on every core; each is encoded for the wire.
+async fn compute(
+    tokens_gen: &Arc<TokenGenerator>,
+    rows: Vec<SnapshotRow>,
+) -> NodeResult<Vec<Vec<u8>>> {
+    let tokens_gen = Arc::clone(tokens_gen);
+    tokio::task::spawn_blocking(move || {
+        let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let per = rows.len().div_ceil(workers).max(1);
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = rows
+                .chunks(per)
+                .map(|chunk| {
+                    let tokens_gen = &tokens_gen;
+                    scope.spawn(move || {
+                        chunk
+                            .iter()
+                            .map(|r| tokens_gen.compute(r, &mut OsRng).map(|t| t.to_bytes()))
+                            .collect::<Result<Vec<_>, _>>()
+                    })
+                })
+                .collect();
+            let mut out = Vec::with_capacity(rows.len());
+            for h in handles {
+                let part = h
+                    .join()
+                    .map_err(|_| NodeError::Conflict("a token worker panicked".into()))??;
+                out.extend(part);
+            }
+            Ok(out)
+        })
+    })
+    .await
+    .map_err(|_| NodeError::Conflict("the token task was cancelled".into()))?
+}
+
+/// Split rows (sorted by record) into rounds that never cut a record.
+fn rounds(rows: &[SnapshotRow], size: usize) -> Vec<Vec<SnapshotRow>> {
+    let mut out: Vec<Vec<SnapshotRow>> = Vec::new();
+    let mut cur: Vec<SnapshotRow> = Vec::new();
+    for r in rows {
+        let same_record = cur.last().is_some_and(|l| l.record == r.record);
+        if cur.len() >= size && !same_record {
+            out.push(std::mem::take(&mut cur));
+        }
+        cur.push(*r);
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    out
+}
+
+/// Send one round's tokens (already in record order), whole records per call.
+async fn send(
+    node: &Node,
+    client: &mut ProxyAuthorityClient<Channel>,
+    proxy: &str,
+    rows: &[SnapshotRow],
+    tokens: Vec<Vec<u8>>,
+) -> NodeResult<()> {
+    let mut batch: Vec<Vec<u8>> = Vec::new();
+    let mut last: Option<RecordId> = None;
+    let mut calls = Vec::new();
+    for (r, t) in rows.iter().zip(tokens) {
+        if batch.len() >= TOKENS_PER_CALL && last != Some(r.record) {
+            calls.push(std::mem::take(&mut batch));
+        }
+        last = Some(r.record);
+        batch.push(t);
+    }
+    if !batch.is_empty() {
+        calls.push(batch);
+    }
+    for tokens in calls {
+        let req =
+            node.sign_proxy_call(ApplyTokensRequest { tokens }, proxy, METHOD_APPLY_TOKENS)?;
+        let results = client
+            .apply_tokens(req)
+            .await
+            .map_err(|s| proxy_err(proxy, format!("tokens refused: {}", s.message())))?
+            .into_inner()
+            .results;
+        for r in results {
+            match ApplyOutcome::try_from(r.outcome) {
+                Ok(
+                    ApplyOutcome::Applied | ApplyOutcome::AlreadyApplied | ApplyOutcome::NotFound,
+                ) => {}
+                _ => {
+                    return Err(proxy_err(
+                        proxy,
+                        format!(
+                            "record {} refused its tokens: {}",
+                            hex::encode(&r.record_id),
+                            r.reason
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn drive_proxy(
+    node: &Arc<Node>,
+    job: &RotationRecord,
+    secret: &UpdateSecret,
+    proxy: &ProxyRecord,
+    report: &(dyn Fn(&RotationProgress) + Send + Sync),
+) -> NodeResult<()> {
+    let from = Version::new(job.from_version);
+    let mut client = connect(proxy).await?;
+    let (snapshot, mut progress) = freeze(node, &mut client, job, proxy, from).await?;
+    report(&progress);
+    if progress.done_at.is_some() {
+        return Ok(());
+    }
+    let tokens_gen = Arc::new(secret.token_generator(snapshot, &mut OsRng)?);
+    let total = progress.rows_total;
+    let mut last_pending = u64::MAX;
+    loop {
+        let (pending, rows) = pending_rows(node, &mut client, job, &proxy.id).await?;
+        let done_rows = total.saturating_sub(i64::try_from(pending).unwrap_or(i64::MAX));
+        let finished = pending == 0;
+        let ev = finished.then(|| {
+            let mut ev = AuditEvent {
+                ts: now(),
+                kind: "token-batch".into(),
+                actor: "revocation".into(),
+                subject: None,
+                attribute: Some(job.attribute.clone()),
+                detail: String::new(),
+            };
+            ev.detail = format!(
+                "rotation {}: proxy {} has all {total} row(s) at version {}",
+                job.id, proxy.id, job.to_version
+            );
+            ev
+        });
+        let t = now();
+        node.store()
+            .record_progress(job.id, &proxy.id, done_rows, t, ev)
+            .await?;
+        progress.rows_done = done_rows.max(progress.rows_done);
+        progress.updated_at = t;
+        if finished {
+            progress.done_at = Some(t);
+            report(&progress);
+            return Ok(());
+        }
+        report(&progress);
+        if pending >= last_pending {
+            return Err(proxy_err(
+                &proxy.id,
+                format!("{pending} row(s) stay at the old version after their tokens were applied"),
+            ));
+        }
+        last_pending = pending;
+        // Compute round i+1 while round i is on the wire.
+        let mut rounds = rounds(&rows, ROWS_PER_ROUND).into_iter();
+        let Some(first) = rounds.next() else {
+            continue;
+        };
+        let mut current = (first.clone(), compute(&tokens_gen, first).await?);
+        for next in rounds {
+            let (rows_now, tokens_now) = current;
+            let (sent, computed) = tokio::join!(
+                send(node, &mut client, &proxy.id, &rows_now, tokens_now),
+                compute(&tokens_gen, next.clone())
+            );
+            sent?;
+            current = (next, computed?);
+            let done_now = progress.rows_done + rows_now.len() as i64;
+            progress.rows_done = done_now.min(total);
+            report(&progress);
+        }
+        send(node, &mut client, &proxy.id, &current.0, current.1).await?;
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn row(record: u8, row: u32) -> SnapshotRow {
+        SnapshotRow {
+            record: RecordId::from_bytes([record; 16]),
+            row,
+            c2: mabe_abe::hash_to_g1(b"MABE-TEST", &[record]).unwrap(),
+        }
+    }
+
+    #[test]
+    fn rounds_never_cut_a_record() {
+        let rows = vec![
+            row(1, 0),
+            row(1, 3),
+            row(2, 0),
+            row(3, 1),
+            row(3, 2),
+            row(4, 0),
+        ];
+        let r = rounds(&rows, 2);
+        let shape: Vec<Vec<(u8, u32)>> = r
+            .iter()
+            .map(|v| v.iter().map(|x| (x.record.as_bytes()[0], x.row)).collect())
+            .collect();
+        assert_eq!(
+            shape,
+            vec![
+                vec![(1, 0), (1, 3)],
+                vec![(2, 0), (3, 1), (3, 2)],
+                vec![(4, 0)]
+            ]
+        );
+        assert!(rounds(&[], 5).is_empty());
+    }
+}
