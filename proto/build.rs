@@ -5,9 +5,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut config = prost_build::Config::new();
     config.protoc_executable(protoc);
     println!("cargo:rerun-if-changed=proto/mabe/v1/authority.proto");
+    println!("cargo:rerun-if-changed=proto/mabe/v1/proxy.proto");
     tonic_prost_build::configure().compile_with_config(
         config,
-        &["proto/mabe/v1/authority.proto"],
+        &["proto/mabe/v1/authority.proto", "proto/mabe/v1/proxy.proto"],
         &["proto"],
     )?;
     Ok(())

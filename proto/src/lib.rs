@@ -2,7 +2,9 @@
 //!
 //! Generated types and service stubs ([`v1`]), and the exact byte strings
 //! that requests' Ed25519 signatures cover ([`signing`]), shared by the
-//! authority and the client so both sides sign and verify the same bytes.
+//! authority, the client and the proxy so every side signs and verifies the
+//! same bytes. An authority calls a proxy's `ProxyAuthority` service with the
+//! generated client and [`signing::sign_proxy_request`].
 #![warn(missing_docs)]
 
 /// Generated protobuf types and tonic services of package `mabe.v1`.
