@@ -135,7 +135,7 @@ fn init_trust_and_listings() {
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("not empty"));
     let key = hex::encode(identity("hospital-a").verifying_key().to_bytes());
-    assert!(ok(&dir, &["trust", "list"]).contains(&format!("hospital-a")));
+    assert!(ok(&dir, &["trust", "list"]).contains("hospital-a"));
     assert!(ok(&dir, &["trust", "list"]).contains(&key));
     // Another key for the same authority is refused; bad input says why.
     let other = hex::encode(identity("mallory").verifying_key().to_bytes());
