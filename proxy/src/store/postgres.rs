@@ -1,0 +1,865 @@
+//! The PostgreSQL backend: for several proxies over one database.
+//!
+//! A deadpool-postgres pool (no TLS: run it over loopback or a private
+//! network) of at most [`MAX_CONNECTIONS`] connections. Each operation is one
+//! transaction (READ COMMITTED). Transactions that depend on an attribute's
+//! freezes take transaction-scoped advisory locks keyed by
+//! [`super::attribute_lock_key`] (in ascending key order, so they cannot
+//! deadlock): shared for an upload's commit and a token batch, exclusive for
+//! a freeze. A token batch updates records in ascending record-id order.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use deadpool_postgres::GenericClient;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::{FromSql, ToSql};
+use tokio_postgres::{Client, NoTls, Row};
+
+use super::{
+    C2Bytes, FreezeInfo, FreezeProgress, GroupOutcome, NewRecord, RecordId, RecordSummary, SnapRow,
+    Store, StoredRecord, TokenGroup, TrustedAuthority, UpdatePlan, attribute_lock_key, fixed,
+    non_negative, plan_update, small, snapshot_root,
+};
+use crate::error::{ProxyError, Result};
+
+/// Schema migrations, in order: (version, SQL).
+const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("../../migrations/postgres/0001_init.sql"))];
+
+/// Largest number of pooled connections.
+pub const MAX_CONNECTIONS: usize = 16;
+
+/// Advisory lock key held while migrating (spells `mabepxmg`).
+pub const MIGRATION_LOCK_KEY: i64 = 0x6d61_6265_7078_6d67;
+
+/// A proxy store in a PostgreSQL database. Cheap to clone: clones share the pool.
+#[derive(Clone)]
+pub struct PgStore {
+    pool: Pool,
+    database: String,
+}
+
+impl fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PgStore")
+            .field("database", &self.database)
+            .field("max_connections", &MAX_CONNECTIONS)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PgStore {
+    /// Connect to `url` (`postgres://user@host:port/db` or the `key=value`
+    /// form) and apply any missing migrations.
+    ///
+    /// Fails with [`ProxyError::Corrupt`] if the database was written by a
+    /// newer build.
+    pub async fn connect(url: &str) -> Result<Self> {
+        let config: tokio_postgres::Config = url.parse().map_err(|e| {
+            ProxyError::Backend(format!("invalid PostgreSQL connection string: {e}"))
+        })?;
+        let database = config.get_dbname().unwrap_or("(default)").to_owned();
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(MAX_CONNECTIONS)
+            .build()
+            .map_err(|e| ProxyError::Backend(format!("cannot build the connection pool: {e}")))?;
+        let store = PgStore { pool, database };
+        let mut client = store.client().await?;
+        migrate(&mut client).await?;
+        Ok(store)
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Object> {
+        self.pool.get().await.map_err(|e| {
+            ProxyError::Backend(format!(
+                "cannot get a connection to database {}: {e}",
+                self.database
+            ))
+        })
+    }
+}
+
+async fn migrate(client: &mut Client) -> Result<()> {
+    let latest = MIGRATIONS.last().map_or(0, |m| m.0);
+    let tx = client.transaction().await.map_err(pg_err)?;
+    tx.batch_execute(&format!(
+        "SELECT pg_advisory_xact_lock({MIGRATION_LOCK_KEY});
+         CREATE TABLE IF NOT EXISTS schema_version (
+             version    BIGINT NOT NULL PRIMARY KEY,
+             applied_at BIGINT NOT NULL
+         );"
+    ))
+    .await
+    .map_err(pg_err)?;
+    let row = tx
+        .query_one(
+            "SELECT COALESCE(MAX(version), 0)::BIGINT FROM schema_version",
+            &[],
+        )
+        .await
+        .map_err(pg_err)?;
+    let current: i64 = get(&row, 0)?;
+    if current > latest {
+        return Err(ProxyError::Corrupt(format!(
+            "database schema {current} is newer than this build ({latest})"
+        )));
+    }
+    for &(version, sql) in MIGRATIONS.iter().filter(|m| m.0 > current) {
+        tx.batch_execute(sql).await.map_err(|e| {
+            ProxyError::Backend(format!("migration {version} failed: {}", describe(&e)))
+        })?;
+        tx.execute(
+            "INSERT INTO schema_version (version, applied_at) VALUES ($1, $2)",
+            &[&version, &unix_now()],
+        )
+        .await
+        .map_err(pg_err)?;
+    }
+    tx.commit().await.map_err(pg_err)
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .ok()
+        .and_then(|d| i64::try_from(d.as_secs()).ok())
+        .unwrap_or(0)
+}
+
+/// The error with the server's message and SQLSTATE, if it has them.
+fn describe(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} ({})", db.message(), db.code().code()),
+        None => e.to_string(),
+    }
+}
+
+/// Map a driver error: unique violations to `AlreadyExists`, everything else
+/// to `Backend`.
+fn pg_err(e: tokio_postgres::Error) -> ProxyError {
+    let text = describe(&e);
+    match e.code() {
+        Some(c) if *c == SqlState::UNIQUE_VIOLATION => ProxyError::AlreadyExists(text),
+        _ => ProxyError::Backend(text),
+    }
+}
+
+/// One column of a row; a value of the wrong type is `Corrupt`, never a panic.
+fn get<'a, T: FromSql<'a>>(row: &'a Row, idx: usize) -> Result<T> {
+    row.try_get(idx)
+        .map_err(|e| ProxyError::Corrupt(format!("cannot read column {idx}: {e}")))
+}
+
+fn i64_of(v: u64, what: &str) -> Result<i64> {
+    i64::try_from(v).map_err(|_| ProxyError::LimitExceeded(format!("{what} is too large")))
+}
+
+/// Take the advisory locks of `attributes` (ascending key order).
+async fn lock_attributes<C: GenericClient>(
+    c: &C,
+    attributes: impl IntoIterator<Item = &str>,
+    exclusive: bool,
+) -> Result<()> {
+    let keys: BTreeSet<i64> = attributes.into_iter().map(attribute_lock_key).collect();
+    let sql = if exclusive {
+        "SELECT pg_advisory_xact_lock($1)"
+    } else {
+        "SELECT pg_advisory_xact_lock_shared($1)"
+    };
+    for k in keys {
+        c.execute(sql, &[&k]).await.map_err(pg_err)?;
+    }
+    Ok(())
+}
+
+const FREEZE_COLUMNS: &str = "attribute, version, frozen_by, frozen_at, row_count, merkle_root";
+
+fn freeze_of(r: &Row) -> Result<FreezeInfo> {
+    Ok(FreezeInfo {
+        attribute: get(r, 0)?,
+        version: small(get(r, 1)?, "freeze version")?,
+        frozen_by: get(r, 2)?,
+        frozen_at: get(r, 3)?,
+        rows: non_negative(get(r, 4)?, "snapshot row count")?,
+        merkle_root: fixed(get::<&[u8]>(r, 5)?, "merkle root")?,
+    })
+}
+
+async fn load_freeze<C: GenericClient>(
+    c: &C,
+    attribute: &str,
+    version: u32,
+) -> Result<Option<FreezeInfo>> {
+    c.query_opt(
+        &format!("SELECT {FREEZE_COLUMNS} FROM freezes WHERE attribute = $1 AND version = $2"),
+        &[&attribute, &i64::from(version)],
+    )
+    .await
+    .map_err(pg_err)?
+    .map(|r| freeze_of(&r))
+    .transpose()
+}
+
+async fn count_pending<C: GenericClient>(c: &C, attribute: &str, version: u32) -> Result<u64> {
+    let row = c
+        .query_one(
+            "SELECT COUNT(*)::BIGINT FROM snapshot_rows s JOIN record_rows r
+               ON r.record_id = s.record_id AND r.row_index = s.row_index
+             WHERE s.attribute = $1 AND s.version = $2 AND r.version = s.version",
+            &[&attribute, &i64::from(version)],
+        )
+        .await
+        .map_err(pg_err)?;
+    non_negative(get(&row, 0)?, "pending count")
+}
+
+fn snap_row(r: &Row) -> Result<SnapRow> {
+    Ok(SnapRow {
+        record_id: fixed(get::<&[u8]>(r, 0)?, "record id")?,
+        row: small(get(r, 1)?, "row index")?,
+        c2: fixed(get::<&[u8]>(r, 2)?, "C2")?,
+    })
+}
+
+/// Keyset page of a snapshot: rows after ($3, $4), at most $5.
+const SNAPSHOT_PAGE: &str = "SELECT record_id, row_index, c2 FROM snapshot_rows
+     WHERE attribute = $1 AND version = $2 AND (record_id > $3 OR (record_id = $3 AND row_index > $4))
+     ORDER BY record_id, row_index LIMIT $5";
+
+/// Keyset page of the rows still at the frozen version.
+const PENDING_PAGE: &str = "SELECT s.record_id, s.row_index, s.c2 FROM snapshot_rows s
+     JOIN record_rows r ON r.record_id = s.record_id AND r.row_index = s.row_index
+     WHERE s.attribute = $1 AND s.version = $2 AND r.version = s.version
+       AND (s.record_id > $3 OR (s.record_id = $3 AND s.row_index > $4))
+     ORDER BY s.record_id, s.row_index LIMIT $5";
+
+async fn page<C: GenericClient>(
+    c: &C,
+    sql: &str,
+    attribute: &str,
+    version: u32,
+    after: Option<(RecordId, u32)>,
+    limit: u32,
+) -> Result<Vec<SnapRow>> {
+    let (rid, row): (Vec<u8>, i64) = match after {
+        Some((rid, row)) => (rid.to_vec(), i64::from(row)),
+        None => (Vec::new(), -1),
+    };
+    let params: [&(dyn ToSql + Sync); 5] = [
+        &attribute,
+        &i64::from(version),
+        &rid,
+        &row,
+        &i64::from(limit),
+    ];
+    c.query(sql, &params)
+        .await
+        .map_err(pg_err)?
+        .iter()
+        .map(snap_row)
+        .collect()
+}
+
+async fn apply_group<C: GenericClient>(c: &C, g: &TokenGroup, now: i64) -> Result<GroupOutcome> {
+    if load_freeze(c, &g.attribute, g.from_version)
+        .await?
+        .is_none()
+    {
+        return Ok(GroupOutcome::Refused(format!(
+            "{} version {} is not frozen on this proxy",
+            g.attribute, g.from_version
+        )));
+    }
+    let rid = g.record_id.to_vec();
+    let Some(row) = c
+        .query_opt(
+            "SELECT header FROM records WHERE record_id = $1 FOR UPDATE",
+            &[&rid],
+        )
+        .await
+        .map_err(pg_err)?
+    else {
+        return Ok(GroupOutcome::NotFound);
+    };
+    let header: Vec<u8> = get(&row, 0)?;
+    let mut snapshot: BTreeMap<u32, C2Bytes> = BTreeMap::new();
+    for r in c
+        .query(
+            "SELECT row_index, c2 FROM snapshot_rows
+             WHERE attribute = $1 AND version = $2 AND record_id = $3",
+            &[&g.attribute, &i64::from(g.from_version), &rid],
+        )
+        .await
+        .map_err(pg_err)?
+    {
+        snapshot.insert(
+            small(get(&r, 0)?, "row index")?,
+            fixed(get::<&[u8]>(&r, 1)?, "C2")?,
+        );
+    }
+    match plan_update(&header, &snapshot, g)? {
+        UpdatePlan::AlreadyApplied => Ok(GroupOutcome::AlreadyApplied),
+        UpdatePlan::Refused(why) => Ok(GroupOutcome::Refused(why)),
+        UpdatePlan::Apply { header, rows } => {
+            c.execute(
+                "UPDATE records SET header = $1, updated_at = $2 WHERE record_id = $3",
+                &[&header, &now, &rid],
+            )
+            .await
+            .map_err(pg_err)?;
+            for (row, version) in rows {
+                c.execute(
+                    "UPDATE record_rows SET version = $1 WHERE record_id = $2 AND row_index = $3",
+                    &[&i64::from(version), &rid, &i64::from(row)],
+                )
+                .await
+                .map_err(pg_err)?;
+            }
+            Ok(GroupOutcome::Applied)
+        }
+    }
+}
+
+#[async_trait]
+impl Store for PgStore {
+    fn backend(&self) -> &'static str {
+        "postgres"
+    }
+
+    async fn add_trusted(&self, a: &TrustedAuthority) -> Result<bool> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg_err)?;
+        let existing = tx
+            .query_opt(
+                "SELECT identity_key FROM trusted_authorities WHERE authority_id = $1 FOR UPDATE",
+                &[&a.authority_id],
+            )
+            .await
+            .map_err(pg_err)?;
+        let added = match existing {
+            Some(r) if get::<&[u8]>(&r, 0)? == a.identity_key => false,
+            Some(_) => {
+                return Err(ProxyError::AlreadyExists(format!(
+                    "authority {} is trusted with another identity key (remove it first)",
+                    a.authority_id
+                )));
+            }
+            None => {
+                tx.execute(
+                    "INSERT INTO trusted_authorities (authority_id, identity_key, added_at)
+                     VALUES ($1, $2, $3)",
+                    &[&a.authority_id, &a.identity_key.as_slice(), &a.added_at],
+                )
+                .await
+                .map_err(pg_err)?;
+                true
+            }
+        };
+        tx.commit().await.map_err(pg_err)?;
+        Ok(added)
+    }
+
+    async fn remove_trusted(&self, authority_id: &str) -> Result<bool> {
+        let client = self.client().await?;
+        let n = client
+            .execute(
+                "DELETE FROM trusted_authorities WHERE authority_id = $1",
+                &[&authority_id],
+            )
+            .await
+            .map_err(pg_err)?;
+        Ok(n > 0)
+    }
+
+    async fn trusted(&self) -> Result<Vec<TrustedAuthority>> {
+        let client = self.client().await?;
+        client
+            .query(
+                "SELECT authority_id, identity_key, added_at FROM trusted_authorities
+                 ORDER BY authority_id",
+                &[],
+            )
+            .await
+            .map_err(pg_err)?
+            .iter()
+            .map(|r| {
+                Ok(TrustedAuthority {
+                    authority_id: get(r, 0)?,
+                    identity_key: fixed(get::<&[u8]>(r, 1)?, "identity key")?,
+                    added_at: get(r, 2)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn trusted_key(&self, authority_id: &str) -> Result<Option<[u8; 32]>> {
+        let client = self.client().await?;
+        client
+            .query_opt(
+                "SELECT identity_key FROM trusted_authorities WHERE authority_id = $1",
+                &[&authority_id],
+            )
+            .await
+            .map_err(pg_err)?
+            .map(|r| fixed(get::<&[u8]>(&r, 0)?, "identity key"))
+            .transpose()
+    }
+
+    async fn use_nonce(
+        &self,
+        authority_id: &str,
+        nonce: &[u8],
+        seen_at: i64,
+        prune_before: i64,
+    ) -> Result<bool> {
+        let client = self.client().await?;
+        client
+            .execute("DELETE FROM nonces WHERE seen_at < $1", &[&prune_before])
+            .await
+            .map_err(pg_err)?;
+        let n = client
+            .execute(
+                "INSERT INTO nonces (authority_id, nonce, seen_at) VALUES ($1, $2, $3)
+                 ON CONFLICT DO NOTHING",
+                &[&authority_id, &nonce, &seen_at],
+            )
+            .await
+            .map_err(pg_err)?;
+        Ok(n == 1)
+    }
+
+    async fn begin_upload(&self, started_at: i64) -> Result<i64> {
+        let client = self.client().await?;
+        let row = client
+            .query_one(
+                "INSERT INTO blobs (started_at, last_activity) VALUES ($1, $1) RETURNING blob_id",
+                &[&started_at],
+            )
+            .await
+            .map_err(pg_err)?;
+        get(&row, 0)
+    }
+
+    async fn put_chunk(&self, blob_id: i64, seq: i64, data: Vec<u8>, now: i64) -> Result<()> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg_err)?;
+        let n = tx
+            .execute(
+                "UPDATE blobs SET last_activity = $1 WHERE blob_id = $2 AND NOT committed",
+                &[&now, &blob_id],
+            )
+            .await
+            .map_err(pg_err)?;
+        if n != 1 {
+            return Err(ProxyError::NotFound(format!(
+                "no upload in progress with blob {blob_id}"
+            )));
+        }
+        tx.execute(
+            "INSERT INTO chunks (blob_id, seq, data) VALUES ($1, $2, $3)",
+            &[&blob_id, &seq, &data],
+        )
+        .await
+        .map_err(pg_err)?;
+        tx.commit().await.map_err(pg_err)
+    }
+
+    async fn commit_upload(&self, blob_id: i64, rec: &NewRecord) -> Result<()> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg_err)?;
+        lock_attributes(&tx, rec.rows.iter().map(|r| r.attribute.as_str()), false).await?;
+        let row = tx
+            .query_one(
+                "SELECT COUNT(*)::BIGINT, COALESCE(SUM(octet_length(data)), 0)::BIGINT
+                 FROM chunks WHERE blob_id = $1",
+                &[&blob_id],
+            )
+            .await
+            .map_err(pg_err)?;
+        let (chunks, bytes): (i64, i64) = (get(&row, 0)?, get(&row, 1)?);
+        if non_negative(bytes, "payload size")? != rec.payload_size {
+            return Err(ProxyError::InvalidArgument(format!(
+                "the stored chunks hold {bytes} bytes, the upload claims {}",
+                rec.payload_size
+            )));
+        }
+        for r in &rec.rows {
+            let frozen: Option<i64> = get(
+                &tx.query_one(
+                    "SELECT MAX(version) FROM freezes WHERE attribute = $1",
+                    &[&r.attribute],
+                )
+                .await
+                .map_err(pg_err)?,
+                0,
+            )?;
+            if let Some(f) = frozen.filter(|f| i64::from(r.version) <= *f) {
+                return Err(ProxyError::FailedPrecondition(format!(
+                    "{} version {} is frozen or superseded on this proxy (frozen through version {f}): encrypt with the current version",
+                    r.attribute, r.version
+                )));
+            }
+        }
+        let n = tx
+            .execute(
+                "UPDATE blobs SET committed = TRUE WHERE blob_id = $1 AND NOT committed",
+                &[&blob_id],
+            )
+            .await
+            .map_err(pg_err)?;
+        if n != 1 {
+            return Err(ProxyError::NotFound(format!(
+                "no upload in progress with blob {blob_id}"
+            )));
+        }
+        let rid = rec.record_id.to_vec();
+        let inserted = tx
+            .execute(
+                "INSERT INTO records (record_id, blob_id, header, chunk_count, payload_size,
+                                      payload_sha256, created_at, updated_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $7)",
+                &[
+                    &rid,
+                    &blob_id,
+                    &rec.header,
+                    &chunks,
+                    &i64_of(rec.payload_size, "payload")?,
+                    &rec.payload_sha256.as_slice(),
+                    &rec.created_at,
+                ],
+            )
+            .await
+            .map_err(pg_err);
+        match inserted {
+            Err(ProxyError::AlreadyExists(_)) => {
+                return Err(ProxyError::AlreadyExists(format!(
+                    "record {} is already stored",
+                    hex::encode(rec.record_id)
+                )));
+            }
+            other => {
+                other?;
+            }
+        }
+        let stmt = tx
+            .prepare(
+                "INSERT INTO record_rows (record_id, row_index, attribute, version, c2)
+                 VALUES ($1, $2, $3, $4, $5)",
+            )
+            .await
+            .map_err(pg_err)?;
+        for (i, r) in rec.rows.iter().enumerate() {
+            tx.execute(
+                &stmt,
+                &[
+                    &rid,
+                    &(i as i64),
+                    &r.attribute,
+                    &i64::from(r.version),
+                    &r.c2.as_slice(),
+                ],
+            )
+            .await
+            .map_err(pg_err)?;
+        }
+        tx.commit().await.map_err(pg_err)
+    }
+
+    async fn abort_upload(&self, blob_id: i64) -> Result<()> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "DELETE FROM blobs WHERE blob_id = $1 AND NOT committed",
+                &[&blob_id],
+            )
+            .await
+            .map_err(pg_err)?;
+        Ok(())
+    }
+
+    async fn purge_abandoned_uploads(&self, idle_before: i64) -> Result<u64> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "DELETE FROM blobs WHERE NOT committed AND last_activity < $1",
+                &[&idle_before],
+            )
+            .await
+            .map_err(pg_err)
+    }
+
+    async fn record(&self, record_id: &RecordId) -> Result<Option<StoredRecord>> {
+        let client = self.client().await?;
+        client
+            .query_opt(
+                "SELECT record_id, header, blob_id, chunk_count, payload_size, payload_sha256,
+                        created_at
+                 FROM records WHERE record_id = $1",
+                &[&record_id.as_slice()],
+            )
+            .await
+            .map_err(pg_err)?
+            .map(|r| {
+                Ok(StoredRecord {
+                    record_id: fixed(get::<&[u8]>(&r, 0)?, "record id")?,
+                    header: get(&r, 1)?,
+                    blob_id: get(&r, 2)?,
+                    chunks: get(&r, 3)?,
+                    payload_size: non_negative(get(&r, 4)?, "payload size")?,
+                    payload_sha256: fixed(get::<&[u8]>(&r, 5)?, "payload digest")?,
+                    created_at: get(&r, 6)?,
+                })
+            })
+            .transpose()
+    }
+
+    async fn chunk(&self, blob_id: i64, seq: i64) -> Result<Option<Vec<u8>>> {
+        let client = self.client().await?;
+        client
+            .query_opt(
+                "SELECT c.data FROM chunks c JOIN blobs b ON b.blob_id = c.blob_id
+                 WHERE c.blob_id = $1 AND c.seq = $2 AND b.committed",
+                &[&blob_id, &seq],
+            )
+            .await
+            .map_err(pg_err)?
+            .map(|r| get(&r, 0))
+            .transpose()
+    }
+
+    async fn list_records(
+        &self,
+        after: Option<&RecordId>,
+        limit: u32,
+    ) -> Result<Vec<RecordSummary>> {
+        let client = self.client().await?;
+        let after = after.map(|a| a.to_vec()).unwrap_or_default();
+        let mut out: Vec<RecordSummary> = client
+            .query(
+                "SELECT record_id, octet_length(header)::BIGINT, payload_size, created_at
+                 FROM records WHERE record_id > $1 ORDER BY record_id LIMIT $2",
+                &[&after, &i64::from(limit)],
+            )
+            .await
+            .map_err(pg_err)?
+            .iter()
+            .map(|r| {
+                Ok(RecordSummary {
+                    record_id: fixed(get::<&[u8]>(r, 0)?, "record id")?,
+                    header_size: non_negative(get(r, 1)?, "header size")?,
+                    payload_size: non_negative(get(r, 2)?, "payload size")?,
+                    rows: Vec::new(),
+                    created_at: get(r, 3)?,
+                })
+            })
+            .collect::<Result<_>>()?;
+        let ids: Vec<Vec<u8>> = out.iter().map(|r| r.record_id.to_vec()).collect();
+        let mut by_id: BTreeMap<RecordId, Vec<(String, u32)>> = BTreeMap::new();
+        for r in client
+            .query(
+                "SELECT record_id, attribute, version FROM record_rows
+                 WHERE record_id = ANY($1) ORDER BY record_id, row_index",
+                &[&ids],
+            )
+            .await
+            .map_err(pg_err)?
+        {
+            by_id
+                .entry(fixed(get::<&[u8]>(&r, 0)?, "record id")?)
+                .or_default()
+                .push((get(&r, 1)?, small(get(&r, 2)?, "version")?));
+        }
+        for rec in &mut out {
+            rec.rows = by_id.remove(&rec.record_id).unwrap_or_default();
+        }
+        Ok(out)
+    }
+
+    async fn delete_record(&self, record_id: &RecordId) -> Result<bool> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg_err)?;
+        let Some(row) = tx
+            .query_opt(
+                "DELETE FROM records WHERE record_id = $1 RETURNING blob_id",
+                &[&record_id.as_slice()],
+            )
+            .await
+            .map_err(pg_err)?
+        else {
+            return Ok(false);
+        };
+        let blob: i64 = get(&row, 0)?;
+        tx.execute("DELETE FROM blobs WHERE blob_id = $1", &[&blob])
+            .await
+            .map_err(pg_err)?;
+        tx.commit().await.map_err(pg_err)?;
+        Ok(true)
+    }
+
+    async fn freeze(
+        &self,
+        attribute: &str,
+        version: u32,
+        authority_id: &str,
+        frozen_at: i64,
+    ) -> Result<FreezeInfo> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg_err)?;
+        lock_attributes(&tx, [attribute], true).await?;
+        if let Some(f) = load_freeze(&tx, attribute, version).await? {
+            return Ok(f);
+        }
+        for r in tx
+            .query(
+                "SELECT version FROM freezes WHERE attribute = $1 AND version < $2",
+                &[&attribute, &i64::from(version)],
+            )
+            .await
+            .map_err(pg_err)?
+        {
+            let v = small(get(&r, 0)?, "version")?;
+            let pending = count_pending(&tx, attribute, v).await?;
+            if pending > 0 {
+                return Err(ProxyError::FailedPrecondition(format!(
+                    "{attribute} version {v} still has {pending} rows to update: finish that rotation first"
+                )));
+            }
+        }
+        let rows: Vec<SnapRow> = tx
+            .query(
+                "SELECT record_id, row_index, c2 FROM record_rows
+                 WHERE attribute = $1 AND version = $2 ORDER BY record_id, row_index",
+                &[&attribute, &i64::from(version)],
+            )
+            .await
+            .map_err(pg_err)?
+            .iter()
+            .map(snap_row)
+            .collect::<Result<_>>()?;
+        let root = snapshot_root(attribute, version, &rows);
+        tx.execute(
+            "INSERT INTO freezes (attribute, version, frozen_by, frozen_at, row_count, merkle_root)
+             VALUES ($1, $2, $3, $4, $5, $6)",
+            &[
+                &attribute,
+                &i64::from(version),
+                &authority_id,
+                &frozen_at,
+                &(rows.len() as i64),
+                &root.as_slice(),
+            ],
+        )
+        .await
+        .map_err(pg_err)?;
+        // Copy the rows in one statement (100,000 rows must not take 100,000 round trips).
+        tx.execute(
+            "INSERT INTO snapshot_rows (attribute, version, record_id, row_index, c2)
+             SELECT attribute, version, record_id, row_index, c2 FROM record_rows
+             WHERE attribute = $1 AND version = $2",
+            &[&attribute, &i64::from(version)],
+        )
+        .await
+        .map_err(pg_err)?;
+        tx.commit().await.map_err(pg_err)?;
+        Ok(FreezeInfo {
+            attribute: attribute.to_owned(),
+            version,
+            frozen_by: authority_id.to_owned(),
+            frozen_at,
+            rows: rows.len() as u64,
+            merkle_root: root,
+        })
+    }
+
+    async fn freeze_info(&self, attribute: &str, version: u32) -> Result<Option<FreezeInfo>> {
+        let client = self.client().await?;
+        load_freeze(&client, attribute, version).await
+    }
+
+    async fn freezes(&self) -> Result<Vec<FreezeProgress>> {
+        let client = self.client().await?;
+        let list: Vec<FreezeInfo> = client
+            .query(
+                &format!("SELECT {FREEZE_COLUMNS} FROM freezes ORDER BY attribute, version"),
+                &[],
+            )
+            .await
+            .map_err(pg_err)?
+            .iter()
+            .map(freeze_of)
+            .collect::<Result<_>>()?;
+        let mut out = Vec::with_capacity(list.len());
+        for f in list {
+            let pending = count_pending(&client, &f.attribute, f.version).await?;
+            out.push(FreezeProgress { freeze: f, pending });
+        }
+        Ok(out)
+    }
+
+    async fn snapshot_page(
+        &self,
+        attribute: &str,
+        version: u32,
+        after: Option<(RecordId, u32)>,
+        limit: u32,
+    ) -> Result<Vec<SnapRow>> {
+        let client = self.client().await?;
+        page(&client, SNAPSHOT_PAGE, attribute, version, after, limit).await
+    }
+
+    async fn pending_count(&self, attribute: &str, version: u32) -> Result<u64> {
+        let client = self.client().await?;
+        count_pending(&client, attribute, version).await
+    }
+
+    async fn pending_page(
+        &self,
+        attribute: &str,
+        version: u32,
+        after: Option<(RecordId, u32)>,
+        limit: u32,
+    ) -> Result<Vec<SnapRow>> {
+        let client = self.client().await?;
+        page(&client, PENDING_PAGE, attribute, version, after, limit).await
+    }
+
+    async fn apply_tokens(&self, groups: &[TokenGroup]) -> Result<Vec<GroupOutcome>> {
+        let now = unix_now();
+        let mut client = self.client().await?;
+        let mut tx = client.transaction().await.map_err(pg_err)?;
+        lock_attributes(&tx, groups.iter().map(|g| g.attribute.as_str()), false).await?;
+        // Lock records in ascending id order: two batches cannot deadlock.
+        let mut order: Vec<usize> = (0..groups.len()).collect();
+        order.sort_by(|&a, &b| {
+            groups
+                .get(a)
+                .map(|g| g.record_id)
+                .cmp(&groups.get(b).map(|g| g.record_id))
+        });
+        let mut outcomes: Vec<Option<GroupOutcome>> = vec![None; groups.len()];
+        for i in order {
+            let Some(g) = groups.get(i) else { continue };
+            let sp = tx.savepoint("mabe_group").await.map_err(pg_err)?;
+            let outcome = apply_group(&sp, g, now).await?;
+            sp.commit().await.map_err(pg_err)?;
+            if let Some(slot) = outcomes.get_mut(i) {
+                *slot = Some(outcome);
+            }
+        }
+        tx.commit().await.map_err(pg_err)?;
+        outcomes
+            .into_iter()
+            .map(|o| o.ok_or_else(|| ProxyError::Backend("a token group was not processed".into())))
+            .collect()
+    }
+}
