@@ -202,7 +202,7 @@ impl AdminService {
             .map_err(|_| Status::unauthenticated("bad admin signature encoding"))?;
         let t = now();
         let skew = self.node.config().max_clock_skew_secs;
-        if (ts - t).abs() > skew || !(16..=64).contains(&nonce.len()) {
+        if ts.abs_diff(t) > skew.unsigned_abs() || !(16..=64).contains(&nonce.len()) {
             return Err(Status::unauthenticated("stale admin call or bad nonce"));
         }
         let digest: [u8; 32] = Sha256::digest(req.get_ref().encode_to_vec()).into();

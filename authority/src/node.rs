@@ -695,10 +695,10 @@ impl Node {
             && id.len() <= 63
             && id
                 .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
         if !valid_id {
             return Err(NodeError::InvalidArgument(
-                "a proxy id is 1-63 characters of a-z, 0-9 and '-'".into(),
+                "a proxy id is 1-63 characters of a-z, 0-9, '.' and '-'".into(),
             ));
         }
         if !endpoint.starts_with("https://") || endpoint.len() > 2048 {
@@ -802,7 +802,7 @@ impl Node {
             .await);
         }
         let t = now();
-        if (timestamp - t).abs() > self.config.max_clock_skew_secs {
+        if timestamp.abs_diff(t) > self.config.max_clock_skew_secs.unsigned_abs() {
             return Err(refuse(format!(
                 "timestamp {timestamp} is more than {} s from the authority's clock ({t})",
                 self.config.max_clock_skew_secs

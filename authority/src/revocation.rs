@@ -42,9 +42,9 @@ use crate::{
 };
 
 /// Tokens per `ApplyTokens` call (each token is about 700 bytes).
-pub const TOKENS_PER_CALL: usize = 1024;
+pub const TOKENS_PER_CALL: usize = 256;
 /// Rows computed per round (then sent while the next round computes).
-pub const ROWS_PER_ROUND: usize = 4096;
+pub const ROWS_PER_ROUND: usize = 1024;
 /// Pending rows asked for per `FreezeStatus` page.
 const STATUS_PAGE: u32 = 10_000;
 
@@ -432,8 +432,17 @@ async fn drive_proxy(
             );
             sent?;
             current = (next, computed?);
-            let done_now = progress.rows_done + rows_now.len() as i64;
-            progress.rows_done = done_now.min(total);
+            progress.rows_done = (progress.rows_done + rows_now.len() as i64).min(total);
+            progress.updated_at = now();
+            node.store()
+                .record_progress(
+                    job.id,
+                    &proxy.id,
+                    progress.rows_done,
+                    progress.updated_at,
+                    None,
+                )
+                .await?;
             report(&progress);
         }
         send(node, &mut client, &proxy.id, &current.0, current.1).await?;

@@ -208,6 +208,16 @@ async fn lifecycle(store: Arc<dyn Store>) {
             Code::Unauthenticated,
         ),
         (
+            "hostile timestamp (i64::MIN)",
+            key_request(&doc, &[], i64::MIN, &doc.key),
+            Code::Unauthenticated,
+        ),
+        (
+            "hostile timestamp (i64::MAX)",
+            key_request(&doc, &[], i64::MAX, &doc.key),
+            Code::Unauthenticated,
+        ),
+        (
             "another person's GID",
             key_request(&other, &[], now(), &doc.key),
             Code::Unauthenticated,
