@@ -405,12 +405,10 @@ async fn revocation_end_to_end_sqlite() {
     revocation_end_to_end(store).await;
 }
 
-/// The same flow on PostgreSQL (needs `MABE_TEST_DATABASE_URL`; the
-/// database is wiped first).
+/// The same flow on PostgreSQL (a fresh database on the test server).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revocation_end_to_end_postgres() {
-    let url = std::env::var("MABE_TEST_DATABASE_URL")
-        .expect("MABE_TEST_DATABASE_URL is not set: run through scripts/with-postgres");
+    let url = common::test_database_url();
     let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
         .await
         .unwrap();
