@@ -402,3 +402,75 @@ impl<'a> Cursor<'a> {
             .map_err(|_| DirectoryError("text is not UTF-8"))
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod proxy_signing_tests {
+    use super::*;
+    use ed25519_dalek::{Signature, SigningKey, Verifier};
+    use sha2::{Digest, Sha256};
+
+    #[test]
+    fn proxy_message_layout_is_exact() {
+        let m = proxy_message("p", "ab", "/m", &[9, 9], 0x0102, &[7; 32]);
+        let mut expected = b"MABE-V1-PROXY".to_vec();
+        expected.extend_from_slice(&[0, 0, 0, 1, b'p']);
+        expected.extend_from_slice(&[0, 0, 0, 2, b'a', b'b']);
+        expected.extend_from_slice(&[0, 0, 0, 2, b'/', b'm']);
+        expected.extend_from_slice(&[0, 0, 0, 2, 9, 9]);
+        expected.extend_from_slice(&[0, 0, 0, 0, 0, 0, 1, 2]);
+        expected.extend_from_slice(&[7; 32]);
+        assert_eq!(m, expected);
+    }
+
+    #[test]
+    fn signed_request_verifies_over_its_metadata_and_body() {
+        let key = SigningKey::from_bytes(&[3; 32]);
+        let msg = crate::v1::FreezeRequest {
+            attribute: "cardiology@hospital-a".into(),
+            version: 4,
+        };
+        let req =
+            sign_proxy_request(msg.clone(), "cloud-1", "hospital-a", METHOD_FREEZE, &key).unwrap();
+        let md = req.metadata();
+        let get = |k: &str| md.get(k).unwrap().to_str().unwrap().to_owned();
+        assert_eq!(get(PROXY_AUTHORITY), "hospital-a");
+        let nonce = hex::decode(get(PROXY_NONCE)).unwrap();
+        assert_eq!(nonce.len(), 16);
+        let ts: i64 = get(PROXY_TIMESTAMP).parse().unwrap();
+        let sig = Signature::from_slice(&hex::decode(get(PROXY_SIGNATURE)).unwrap()).unwrap();
+        let digest: [u8; 32] = Sha256::digest(prost::Message::encode_to_vec(&msg)).into();
+        let signed = proxy_message("cloud-1", "hospital-a", METHOD_FREEZE, &nonce, ts, &digest);
+        key.verifying_key().verify(&signed, &sig).unwrap();
+        // Another proxy id, method or body is another message.
+        let other = proxy_message("cloud-2", "hospital-a", METHOD_FREEZE, &nonce, ts, &digest);
+        assert!(key.verifying_key().verify(&other, &sig).is_err());
+        // Two requests never share a nonce.
+        let again = sign_proxy_request(msg, "cloud-1", "hospital-a", METHOD_FREEZE, &key).unwrap();
+        assert_ne!(again.metadata().get(PROXY_NONCE), md.get(PROXY_NONCE));
+    }
+
+    #[test]
+    fn bad_nonces_and_authority_ids_are_refused() {
+        let key = SigningKey::from_bytes(&[3; 32]);
+        let msg = crate::v1::FreezeStatusRequest::default();
+        for nonce in [&[0u8; 15][..], &[0u8; 65][..]] {
+            assert!(
+                sign_proxy_request_with(
+                    msg.clone(),
+                    "p",
+                    "a",
+                    METHOD_FREEZE_STATUS,
+                    &key,
+                    nonce,
+                    1
+                )
+                .is_err()
+            );
+        }
+        assert!(
+            sign_proxy_request_with(msg, "p", "a\nb", METHOD_FREEZE_STATUS, &key, &[0; 16], 1)
+                .is_err()
+        );
+    }
+}

@@ -143,7 +143,8 @@ impl Node {
         let sig = Signature::from_slice(&sig).map_err(|_| unauth("malformed signature"))?;
         let t = now();
         let skew = self.config.max_clock_skew_secs;
-        if (ts - t).abs() > skew {
+        // abs_diff: a hostile timestamp (i64::MIN) must not overflow.
+        if ts.abs_diff(t) > skew.unsigned_abs() {
             return Err(unauth("stale or future timestamp (check the clocks)"));
         }
         let key = self

@@ -405,12 +405,10 @@ async fn revocation_end_to_end_sqlite() {
     revocation_end_to_end(store).await;
 }
 
-/// The same flow on PostgreSQL (needs `MABE_TEST_DATABASE_URL`; the
-/// database is wiped first).
+/// The same flow on PostgreSQL (a fresh database on the test server).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revocation_end_to_end_postgres() {
-    let url = std::env::var("MABE_TEST_DATABASE_URL")
-        .expect("MABE_TEST_DATABASE_URL is not set: run through scripts/with-postgres");
+    let url = common::test_database_url();
     let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
         .await
         .unwrap();
@@ -519,6 +517,18 @@ async fn authority_calls_must_be_signed_fresh_and_in_domain() {
         now + 3600,
     );
     assert_eq!(refused(a.client.freeze(r).await), Code::Unauthenticated);
+    // Extreme timestamps (regression: the freshness check must not overflow).
+    for (i, ts) in [i64::MIN, i64::MAX].into_iter().enumerate() {
+        let r = sign(
+            &ka,
+            PROXY_ID,
+            "hospital-a",
+            METHOD_FREEZE,
+            &[20 + i as u8; 16],
+            ts,
+        );
+        assert_eq!(refused(a.client.freeze(r).await), Code::Unauthenticated);
+    }
     // A body other than the one signed.
     let mut r = sign(&ka, PROXY_ID, "hospital-a", METHOD_FREEZE, &[7; 16], now);
     r.get_mut().version = 2;
@@ -585,10 +595,10 @@ async fn authority_calls_must_be_signed_fresh_and_in_domain() {
     // The metrics counted the refusals.
     let text = scrape(&served).await;
     assert!(
-        text.contains("mabe_proxy_requests_total{method=\"Freeze\",code=\"unauthenticated\"} 10"),
+        text.contains("mabe_proxy_requests_total{method=\"Freeze\",code=\"unauthenticated\"} 12"),
         "{text}"
     );
-    assert!(text.contains("mabe_proxy_auth_refusals_total 13"), "{text}");
+    assert!(text.contains("mabe_proxy_auth_refusals_total 15"), "{text}");
     served.stop().await;
 }
 

@@ -1,9 +1,10 @@
 //! The shared store test suite: every test runs against SQLite (a temporary
 //! file) and PostgreSQL (a fresh database per test on the server named by
-//! `MABE_TEST_DATABASE_URL`; run through `scripts/with-postgres`).
+//! `MABE_TEST_DATABASE_URL`, as `scripts/with-postgres` exports it).
 //!
-//! Without `MABE_TEST_DATABASE_URL` the PostgreSQL tests fail: none is
-//! skipped silently.
+//! Without `MABE_TEST_DATABASE_URL` the tests start their own throwaway
+//! server through `scripts/with-postgres`, and fail if they cannot: none is
+//! skipped.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
@@ -47,8 +48,6 @@ struct Harness {
     store: Mutex<Option<Arc<dyn Store>>>,
 }
 
-const PG_MISSING: &str = "MABE_TEST_DATABASE_URL is not set: set MABE_TEST_DATABASE_URL, or run through scripts/with-postgres";
-
 static NEXT_DB: AtomicU64 = AtomicU64::new(0);
 
 /// `url` with its database name replaced by `name` (URL or key=value form).
@@ -91,8 +90,7 @@ impl Harness {
     }
 
     async fn postgres() -> Harness {
-        let admin_url =
-            std::env::var("MABE_TEST_DATABASE_URL").unwrap_or_else(|_| panic!("{PG_MISSING}"));
+        let admin_url = common::test_database_url();
         let nanos = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap()

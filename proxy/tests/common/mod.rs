@@ -350,3 +350,46 @@ impl AuthorityCaller {
         Ok(self.client.freeze_status(req).await?.into_inner())
     }
 }
+
+/// The PostgreSQL server for the PostgreSQL-backed tests: the one named by
+/// `MABE_TEST_DATABASE_URL` (as `scripts/with-postgres` exports it), else a
+/// throwaway server this test process starts once through
+/// `scripts/with-postgres` and that stops when the process exits (its
+/// stdin closes). Never skipped: if no server can be started, the tests fail.
+pub fn test_database_url() -> String {
+    use std::io::BufRead;
+    use std::sync::Mutex;
+    if let Ok(url) = std::env::var("MABE_TEST_DATABASE_URL") {
+        return url;
+    }
+    static SERVER: Mutex<Option<(std::process::Child, String)>> = Mutex::new(None);
+    let mut guard = SERVER.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, url)) = guard.as_ref() {
+        return url.clone();
+    }
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/with-postgres");
+    let mut child = std::process::Command::new(script)
+        .args([
+            "sh",
+            "-c",
+            "echo \"$MABE_TEST_DATABASE_URL\"; exec cat >/dev/null",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!("MABE_TEST_DATABASE_URL is not set and {script} cannot start: {e}")
+        });
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let url = line.trim().to_owned();
+    assert!(
+        url.starts_with("postgres://"),
+        "MABE_TEST_DATABASE_URL is not set and {script} did not start a server: set it, or run through scripts/with-postgres"
+    );
+    *guard = Some((child, url.clone()));
+    url
+}
