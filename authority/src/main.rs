@@ -25,9 +25,9 @@ use mabe_authority::{
 };
 use mabe_proto::v1::{
     AddProxyRequest, CheckpointRequest, CreateAttributeRequest, DecideRequestRequest,
-    EnrollRequest, GrantRequest, IssueOfflineRequest, ListAttributesRequest, ListProxiesRequest,
-    ListRequestsRequest, ListRotationsRequest, ProxyProgress, RevokeRequest, RotateExpiredRequest,
-    VerifyAuditRequest, authority_admin_client::AuthorityAdminClient,
+    EnrollRequest, GrantRequest, IssueOfflineRequest, ListAttributesRequest, ListAuditRequest,
+    ListProxiesRequest, ListRequestsRequest, ListRotationsRequest, ProxyProgress, RevokeRequest,
+    RotateExpiredRequest, VerifyAuditRequest, authority_admin_client::AuthorityAdminClient,
     authority_admin_server::AuthorityAdmin as _,
 };
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
@@ -116,9 +116,10 @@ enum Command {
         /// Role a person must be enrolled with to break the glass.
         #[arg(long, default_value = "emergency-staff")]
         emergency_role: String,
-        /// Lifetime of a break-glass grant, in hours.
-        #[arg(long, default_value_t = 12, value_parser = clap::value_parser!(u32).range(1..=168))]
-        break_glass_hours: u32,
+        /// Lifetime of a break-glass grant, in seconds (default 12 hours,
+        /// at most 7 days).
+        #[arg(long, default_value_t = 43_200, value_parser = clap::value_parser!(u32).range(1..=604_800))]
+        break_glass_secs: u32,
     },
     /// Print the authority id and identity public key (to pin in trust files).
     Info,
@@ -254,6 +255,19 @@ enum ProxyCmd {
 
 #[derive(Subcommand, Debug)]
 enum AuditCmd {
+    /// Print audit entries in chain order (e.g. `--kind break-glass`).
+    List {
+        /// Only entries of this kind (enroll, grant, request, approve, deny,
+        /// issue, refusal, revoke, rotate, break-glass, token-batch, …).
+        #[arg(long)]
+        kind: Option<String>,
+        /// First entry to consider.
+        #[arg(long, default_value_t = 1)]
+        from: i64,
+        /// At most this many entries.
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=1000))]
+        limit: u32,
+    },
     /// Check the hash chain and every checkpoint; exit 3 if anything is wrong.
     Verify,
     /// Sign a checkpoint of the chain's current head.
@@ -576,12 +590,12 @@ async fn run(cli: Cli) -> Result<i32> {
             drive_rotations_every,
             emergency_attribute,
             emergency_role,
-            break_glass_hours,
+            break_glass_secs,
         } => {
             let config = NodeConfig {
                 emergency_attribute: emergency_attribute.clone(),
                 emergency_role: emergency_role.clone(),
-                break_glass_secs: i64::from(*break_glass_hours) * 3600,
+                break_glass_secs: i64::from(*break_glass_secs),
                 ..NodeConfig::default()
             };
             let node = open_node_with(&cli, &dir, config).await?;
@@ -816,6 +830,38 @@ async fn run(cli: Cli) -> Result<i32> {
                     "rotated {} to version {} ({} remaining holder(s))",
                     r.attribute, r.new_version, r.reissued_to
                 );
+            }
+        }
+        Command::Audit(AuditCmd::List { kind, from, limit }) => {
+            let mut a = admin(&cli, &dir).await?;
+            let req = ListAuditRequest {
+                from_seq: *from,
+                limit: *limit,
+                kind: kind.clone().unwrap_or_default(),
+            };
+            let list = admin_call!(&mut a, list_audit, "ListAudit", req)?;
+            for e in &list.entries {
+                println!(
+                    "#{:<6} {} {:<14} by {} {}{}{}",
+                    e.seq,
+                    e.ts,
+                    e.kind,
+                    e.actor,
+                    if e.subject.is_empty() {
+                        String::new()
+                    } else {
+                        format!("subject {} ", e.subject)
+                    },
+                    if e.attribute.is_empty() {
+                        String::new()
+                    } else {
+                        format!("attribute {} ", e.attribute)
+                    },
+                    e.detail
+                );
+            }
+            if list.next_seq != 0 {
+                println!("(more from --from {})", list.next_seq);
             }
         }
         Command::Audit(AuditCmd::Verify) => {

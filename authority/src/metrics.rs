@@ -85,6 +85,7 @@ const SERVICES: [(&str, &str, &[&str]); 3] = [
             "RotateExpired",
             "AddProxy",
             "ListProxies",
+            "ListAudit",
         ],
     ),
     ("grpc.health.v1.Health", "health", &["Check", "Watch"]),
@@ -564,7 +565,7 @@ mod tests {
                 rpcs += 1;
             }
         }
-        assert_eq!(rpcs, 19);
+        assert_eq!(rpcs, 20);
     }
 
     #[test]

@@ -328,6 +328,14 @@ impl Authority {
 
     /// The signed directory, checked against the pinned identity key.
     pub async fn directory(&self) -> Result<PublicKeyRing> {
+        let mut ring = PublicKeyRing::new();
+        self.directory_into(&mut ring).await?;
+        Ok(ring)
+    }
+
+    /// Add this authority's verified directory to `ring` (records across
+    /// authorities need every authority's public keys).
+    pub async fn directory_into(&self, ring: &mut PublicKeyRing) -> Result<()> {
         let mut client = AuthorityClient::new(self.public_channel().await?);
         let d = client
             .get_directory(GetDirectoryRequest {})
@@ -341,11 +349,58 @@ impl Authority {
         key.verify_strict(&d.body, &sig)
             .context("directory signature")?;
         let directory = Directory::decode(&d.body)?;
-        let mut ring = PublicKeyRing::new();
+        ensure!(
+            directory.authority == self.id,
+            "directory of another authority"
+        );
         for e in &directory.entries {
             ring.insert(AttributePublicKey::from_bytes(&e.public_key)?)?;
         }
-        Ok(ring)
+        Ok(())
+    }
+
+    /// Break the glass as `p` with `reason`; the emergency key is checked by
+    /// the pairing check and added to `into`. Returns the grant's expiry.
+    pub async fn break_glass(
+        &self,
+        p: &Person,
+        reason: &str,
+        into: &mut UserKeyRing,
+    ) -> Result<i64> {
+        let pks = self.directory().await?;
+        let mut client = AuthorityClient::new(self.public_channel().await?);
+        let mut nonce = vec![0u8; 16];
+        OsRng.fill_bytes(&mut nonce);
+        let ts = unix_now()?;
+        let msg = mabe_proto::signing::break_glass_message(
+            &self.id,
+            p.gid.as_bytes(),
+            reason,
+            &nonce,
+            ts,
+        );
+        let keys = client
+            .break_glass(mabe_proto::v1::BreakGlassRequest {
+                authority_id: self.id.clone(),
+                gid: p.gid.as_bytes().to_vec(),
+                reason: reason.into(),
+                nonce,
+                timestamp: ts,
+                signature: p.key.sign(&msg).to_bytes().to_vec(),
+            })
+            .await?
+            .into_inner()
+            .keys;
+        let k = keys
+            .first()
+            .ok_or_else(|| anyhow!("break-glass returned no key"))?;
+        let key = UserKey::from_bytes(&k.user_key)?;
+        let pk = pks
+            .get(key.attribute(), key.version())
+            .ok_or_else(|| anyhow!("no public key for {}", k.attribute))?
+            .clone();
+        into.insert(key, &pk)?;
+        Ok(k.expires_at)
     }
 
     /// Fetch every key granted to `p`, checked by the pairing check against
@@ -355,9 +410,7 @@ impl Authority {
         let mut client = AuthorityClient::new(self.public_channel().await?);
         let mut nonce = vec![0u8; 16];
         OsRng.fill_bytes(&mut nonce);
-        let ts = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)?
-            .as_secs() as i64;
+        let ts = unix_now()?;
         let msg = key_request_message(&self.id, p.gid.as_bytes(), &[], &nonce, ts);
         let keys = client
             .fetch_keys(KeyRequest {
@@ -499,6 +552,14 @@ impl Proxy {
         ])?;
         Ok(())
     }
+}
+
+fn unix_now() -> Result<i64> {
+    Ok(i64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs(),
+    )?)
 }
 
 /// A loopback port that was free a moment ago.
