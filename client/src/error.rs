@@ -76,7 +76,11 @@ pub enum ClientError {
     Policy(PolicyError),
     /// The keys held do not satisfy the record's policy (found before any
     /// cryptography runs). `missing` is a smallest set that would satisfy it.
-    #[error("cannot decrypt: policy needs {} (you hold {})", list(missing), held_list(held))]
+    #[error(
+        "cannot decrypt: policy needs {} (you hold {})",
+        list(missing),
+        held_list(held)
+    )]
     NotSatisfied {
         /// Attributes whose keys would satisfy the policy.
         missing: Vec<Attribute>,

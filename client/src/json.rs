@@ -63,8 +63,8 @@ impl SectionPolicies {
     /// # Ok::<(), mabe_client::ClientError>(())
     /// ```
     pub fn from_toml(text: &str) -> Result<Self> {
-        let p: SectionPolicies =
-            toml::from_str(text).map_err(|e| ClientError::malformed("sections file", e.to_string()))?;
+        let p: SectionPolicies = toml::from_str(text)
+            .map_err(|e| ClientError::malformed("sections file", e.to_string()))?;
         if p.sections.len() > MAX_SECTIONS {
             return Err(ClientError::malformed("sections file", "too many sections"));
         }
@@ -109,7 +109,11 @@ pub async fn encrypt_json<R: RngCore + CryptoRng + ?Sized>(
     let doc_hex = hex::encode(doc_id);
     let mut sections = Map::new();
     for (name, value) in obj {
-        let text = policies.sections.get(name).map(String::as_str).unwrap_or_default();
+        let text = policies
+            .sections
+            .get(name)
+            .map(String::as_str)
+            .unwrap_or_default();
         let policy = client.policy(text)?;
         let (pks, _) = client.encryption_keys(&policy, online).await?;
         let plain = serde_json::to_vec(&json!({
@@ -198,8 +202,8 @@ pub async fn decrypt_json(
             }
         }
         signatures.insert(name.clone(), summary.signature);
-        let inner: Value = serde_json::from_slice(&plain)
-            .map_err(|_| bad("a section's plaintext is not JSON"))?;
+        let inner: Value =
+            serde_json::from_slice(&plain).map_err(|_| bad("a section's plaintext is not JSON"))?;
         if inner.get("document").and_then(Value::as_str) != Some(doc_id)
             || inner.get("section").and_then(Value::as_str) != Some(name.as_str())
         {

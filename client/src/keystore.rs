@@ -191,16 +191,18 @@ impl StoredKeys {
         expires_at: i64,
     ) -> Result<bool> {
         let authority = key.attribute().authority().to_string();
-        key.verify(&self.gid, pk)
-            .map_err(|e| ClientError::BadKey {
-                authority,
-                reason: e.to_string(),
-            })?;
+        key.verify(&self.gid, pk).map_err(|e| ClientError::BadKey {
+            authority,
+            reason: e.to_string(),
+        })?;
         if self.keys.len() >= MAX_STORED_KEYS {
             return Err(ClientError::Invalid("the key store is full".into()));
         }
         let id = (key.attribute().clone(), key.version());
-        Ok(self.keys.insert(id, StoredKey { key, expires_at }).is_none())
+        Ok(self
+            .keys
+            .insert(id, StoredKey { key, expires_at })
+            .is_none())
     }
 
     /// Every stored key, by attribute then version.
@@ -226,15 +228,12 @@ impl StoredKeys {
             if ring.get(a).is_some() {
                 continue;
             }
-            let chosen = self
-                .keys
-                .get(&(a.clone(), row.version()))
-                .or_else(|| {
-                    self.keys
-                        .range((a.clone(), Version::new(0))..=(a.clone(), Version::new(u32::MAX)))
-                        .next_back()
-                        .map(|(_, k)| k)
-                });
+            let chosen = self.keys.get(&(a.clone(), row.version())).or_else(|| {
+                self.keys
+                    .range((a.clone(), Version::new(0))..=(a.clone(), Version::new(u32::MAX)))
+                    .next_back()
+                    .map(|(_, k)| k)
+            });
             if let Some(k) = chosen {
                 if let Some(pk) = pks.get(a, k.key.version()) {
                     ring.insert(copy_key(&k.key)?, pk)?;
@@ -688,7 +687,11 @@ impl KeyStore {
 
     /// Store a verified directory unless the stored one is newer (a directory
     /// never rolls back). Returns whether it was stored.
-    pub fn save_directory(&self, dir: &VerifiedDirectory, trust: &TrustedAuthority) -> Result<bool> {
+    pub fn save_directory(
+        &self,
+        dir: &VerifiedDirectory,
+        trust: &TrustedAuthority,
+    ) -> Result<bool> {
         if let Ok(Some(old)) = self.load_directory(trust) {
             if old.issued_at() > dir.issued_at() {
                 return Ok(false);

@@ -12,8 +12,7 @@ use ark_std::rand::rngs::OsRng;
 use clap::{Parser, Subcommand};
 use mabe_abe::EncryptOptions;
 use mabe_client::{
-    Client, ClientError, KeyStore, TrustStore, TrustedAuthority,
-    inspect,
+    Client, ClientError, KeyStore, TrustStore, TrustedAuthority, inspect,
     json::{SectionPolicies, decrypt_json, encrypt_json},
     record::{SignatureStatus, Writer},
 };
@@ -383,7 +382,10 @@ fn progress(len: Option<u64>) -> Option<indicatif::ProgressBar> {
     Some(pb)
 }
 
-fn with_progress(r: Box<dyn Read>, len: Option<u64>) -> (Box<dyn Read>, Option<indicatif::ProgressBar>) {
+fn with_progress(
+    r: Box<dyn Read>,
+    len: Option<u64>,
+) -> (Box<dyn Read>, Option<indicatif::ProgressBar>) {
     match progress(len) {
         Some(pb) => (Box::new(pb.wrap_read(r)), Some(pb)),
         None => (r, None),
@@ -392,7 +394,11 @@ fn with_progress(r: Box<dyn Read>, len: Option<u64>) -> (Box<dyn Read>, Option<i
 
 fn describe_writer(trust: &TrustStore, w: &Writer) -> String {
     match trust.writer_name(&w.key) {
-        Some(name) => format!("{name} (GID {}, key {})", w.gid, hex::encode(w.key.as_bytes())),
+        Some(name) => format!(
+            "{name} (GID {}, key {})",
+            w.gid,
+            hex::encode(w.key.as_bytes())
+        ),
         None => format!(
             "GID {} with key {} (a key not named in your trust file: the GID is the writer's claim)",
             w.gid,
@@ -448,9 +454,15 @@ async fn run(cli: Cli) -> Result<()> {
             println!(
                 "key store: {}{}",
                 store.home().display(),
-                if info.protected { " (passphrase-protected)" } else { "" }
+                if info.protected {
+                    " (passphrase-protected)"
+                } else {
+                    ""
+                }
             );
-            println!("Give the registry, subject and request key to each authority that enrolls you.");
+            println!(
+                "Give the registry, subject and request key to each authority that enrolls you."
+            );
         }
         Command::Identity(IdentityCmd::Show) => {
             let info = KeyStore::open(home(&cli)?).identity_info()?;
@@ -478,7 +490,9 @@ async fn run(cli: Cli) -> Result<()> {
                     let identity_key = ed25519_dalek::VerifyingKey::from_bytes(&key)
                         .map_err(|_| anyhow!("--identity-key is not an Ed25519 public key"))?;
                     let tls_root = match tls_root {
-                        Some(p) => fs::read(p).with_context(|| format!("reading {}", p.display()))?,
+                        Some(p) => {
+                            fs::read(p).with_context(|| format!("reading {}", p.display()))?
+                        }
                         None => Vec::new(),
                     };
                     if endpoint.is_some() && tls_root.is_empty() {
@@ -509,10 +523,15 @@ async fn run(cli: Cli) -> Result<()> {
                             hex::encode(a.identity_key.as_bytes())
                         );
                     }
-                    let e: Vec<String> = trust.emergency().iter().map(ToString::to_string).collect();
+                    let e: Vec<String> =
+                        trust.emergency().iter().map(ToString::to_string).collect();
                     println!(
                         "emergency: {}",
-                        if e.is_empty() { "(none)".into() } else { e.join(", ") }
+                        if e.is_empty() {
+                            "(none)".into()
+                        } else {
+                            e.join(", ")
+                        }
                     );
                 }
                 TrustCmd::Remove { id } => {
@@ -580,7 +599,11 @@ async fn run(cli: Cli) -> Result<()> {
                                 println!(
                                     "{}: {a} version {v} verified{}",
                                     f.authority,
-                                    if new { " and stored" } else { " (already held)" }
+                                    if new {
+                                        " and stored"
+                                    } else {
+                                        " (already held)"
+                                    }
                                 );
                             }
                         }
@@ -617,7 +640,11 @@ async fn run(cli: Cli) -> Result<()> {
             for (a, v, new) in c.import_bundle(&bytes, online).await? {
                 println!(
                     "{a} version {v} verified{}",
-                    if new { " and stored" } else { " (already held)" }
+                    if new {
+                        " and stored"
+                    } else {
+                        " (already held)"
+                    }
                 );
             }
         }
@@ -663,7 +690,11 @@ async fn run(cli: Cli) -> Result<()> {
                 "encrypted under {} ({}){}",
                 policy,
                 versions.join(", "),
-                if signer.is_some() { ", signed" } else { ", UNSIGNED" }
+                if signer.is_some() {
+                    ", signed"
+                } else {
+                    ", UNSIGNED"
+                }
             );
         }
         Command::Decrypt {
@@ -735,7 +766,8 @@ async fn run(cli: Cli) -> Result<()> {
             } else {
                 Some(c.store().load_identity()?)
             };
-            let doc = encrypt_json(&c, &policies, &record, signer.as_ref(), online, &mut OsRng).await?;
+            let doc =
+                encrypt_json(&c, &policies, &record, signer.as_ref(), online, &mut OsRng).await?;
             let mut out = Output::create(output)?;
             serde_json::to_writer_pretty(&mut out, &doc)?;
             out.write_all(b"\n")?;
@@ -754,7 +786,10 @@ async fn run(cli: Cli) -> Result<()> {
             for (section, sig) in &outcome.signatures {
                 match sig {
                     SignatureStatus::Valid(w) => {
-                        eprintln!("{section}: verified writer: {}", describe_writer(c.trust(), w))
+                        eprintln!(
+                            "{section}: verified writer: {}",
+                            describe_writer(c.trust(), w)
+                        )
                     }
                     _ => eprintln!("{section}: not signed"),
                 }
@@ -778,7 +813,11 @@ async fn run(cli: Cli) -> Result<()> {
             for (a, trusted) in &report.authorities {
                 println!(
                     "authority: {a}{}",
-                    if *trusted { "" } else { " (NOT in your trust file)" }
+                    if *trusted {
+                        ""
+                    } else {
+                        " (NOT in your trust file)"
+                    }
                 );
             }
             let held: Vec<String> = report.held.iter().map(ToString::to_string).collect();
@@ -800,7 +839,11 @@ async fn run(cli: Cli) -> Result<()> {
                             .map(ToString::to_string)
                             .collect::<Vec<_>>()
                             .join(", "),
-                        if held.is_empty() { "no keys".into() } else { held.join(", ") }
+                        if held.is_empty() {
+                            "no keys".into()
+                        } else {
+                            held.join(", ")
+                        }
                     );
                     std::process::exit(3);
                 }

@@ -94,7 +94,11 @@ pub struct RecordPrefix {
 impl RecordPrefix {
     /// Encoded length of the prefix.
     pub fn len(&self) -> usize {
-        RECORD_MAGIC.len() + 4 + self.header_bytes.len() + 1 + if self.writer.is_some() { 64 } else { 0 }
+        RECORD_MAGIC.len()
+            + 4
+            + self.header_bytes.len()
+            + 1
+            + if self.writer.is_some() { 64 } else { 0 }
     }
     /// Never empty (kept for the `len` convention).
     pub fn is_empty(&self) -> bool {
@@ -307,7 +311,10 @@ pub fn read_prefix<R: Read>(input: &mut R) -> Result<RecordPrefix> {
     read_exact_or(input, &mut len, "record")?;
     let len = u32::from_be_bytes(len) as usize;
     if len > MAX_HEADER_LEN {
-        return Err(ClientError::malformed("record", "header over its size limit"));
+        return Err(ClientError::malformed(
+            "record",
+            "header over its size limit",
+        ));
     }
     let mut header_bytes = vec![0u8; len];
     read_exact_or(input, &mut header_bytes, "record")?;

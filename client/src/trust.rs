@@ -177,7 +177,9 @@ impl TrustStore {
             }
             if let Some(e) = &a.endpoint {
                 if !e.starts_with("https://") {
-                    return Err(bad(format!("authority {id}: the endpoint must be https://")));
+                    return Err(bad(format!(
+                        "authority {id}: the endpoint must be https://"
+                    )));
                 }
             }
             let t = TrustedAuthority {
@@ -193,9 +195,9 @@ impl TrustStore {
         }
         let mut emergency = Vec::new();
         for e in raw.emergency {
-            let a: Attribute = e.parse().map_err(|e: mabe_policy::PolicyError| {
-                bad(format!("emergency attribute: {e}"))
-            })?;
+            let a: Attribute = e
+                .parse()
+                .map_err(|e: mabe_policy::PolicyError| bad(format!("emergency attribute: {e}")))?;
             if !emergency.contains(&a) {
                 emergency.push(a);
             }

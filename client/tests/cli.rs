@@ -98,7 +98,10 @@ fn three_hospitals_end_to_end() {
             3,
             "cannot decrypt: policy needs genetics@hospital-c (you hold cardiology@hospital-a, consultant@hospital-b)",
         );
-    assert!(!bob_out.exists(), "nothing may be left under the final name");
+    assert!(
+        !bob_out.exists(),
+        "nothing may be left under the final name"
+    );
     carol
         .run(&["decrypt", "--in", rec, "--out", "-"])
         .fails_with(3, "cannot decrypt: policy needs");
@@ -110,17 +113,29 @@ fn three_hospitals_end_to_end() {
         "--out",
         carol.path("carol.bundle").to_str().unwrap(),
     ]);
-    bob.run(&["keys", "import", carol.path("carol.bundle").to_str().unwrap()])
-        .fails_with(5, "issued to another person");
+    bob.run(&[
+        "keys",
+        "import",
+        carol.path("carol.bundle").to_str().unwrap(),
+    ])
+    .fails_with(5, "issued to another person");
 
     // policy check: canonical form, authorities, what is missing.
-    let checked = bob.run(&["policy", "check", "genetics@Hospital-C and (cardiology@hospital-a or consultant@hospital-b)"]);
+    let checked = bob.run(&[
+        "policy",
+        "check",
+        "genetics@Hospital-C and (cardiology@hospital-a or consultant@hospital-b)",
+    ]);
     assert_eq!(checked.code, Some(3));
     assert!(checked.stdout.contains(
         "canonical: genetics@hospital-c AND (cardiology@hospital-a OR consultant@hospital-b)"
     ));
     assert!(checked.stdout.contains("authority: hospital-c"));
-    assert!(checked.stdout.contains("missing genetics@hospital-c"), "{}", checked.stdout);
+    assert!(
+        checked.stdout.contains("missing genetics@hospital-c"),
+        "{}",
+        checked.stdout
+    );
     let checked = alice.ok(&["policy", "check", policy]);
     assert!(checked.contains("satisfied by your keys: yes"), "{checked}");
 
@@ -143,14 +158,26 @@ fn three_hospitals_end_to_end() {
     let bad_path = write(&alice, "bad.mabe", &bad);
     let bad_out = alice.path("bad.out");
     alice
-        .run(&["decrypt", "--in", &bad_path, "--out", bad_out.to_str().unwrap()])
+        .run(&[
+            "decrypt",
+            "--in",
+            &bad_path,
+            "--out",
+            bad_out.to_str().unwrap(),
+        ])
         .fails_with(3, "cannot decrypt");
     assert!(!bad_out.exists());
     let mut bad = bytes.clone();
     bad[n - 1] ^= 1;
     let bad_path = write(&alice, "badsig.mabe", &bad);
     alice
-        .run(&["decrypt", "--in", &bad_path, "--out", bad_out.to_str().unwrap()])
+        .run(&[
+            "decrypt",
+            "--in",
+            &bad_path,
+            "--out",
+            bad_out.to_str().unwrap(),
+        ])
         .fails_with(4, "signature does not verify");
     assert!(!bad_out.exists());
     alice
@@ -167,20 +194,36 @@ fn three_hospitals_end_to_end() {
     // Unsigned records are refused unless allowed.
     let unsigned = alice.path("unsigned.mabe");
     alice.ok(&[
-        "encrypt", "--no-sign", "--policy", policy, "--in", &input, "--out",
+        "encrypt",
+        "--no-sign",
+        "--policy",
+        policy,
+        "--in",
+        &input,
+        "--out",
         unsigned.to_str().unwrap(),
     ]);
     alice
         .run(&["decrypt", "--in", unsigned.to_str().unwrap(), "--out", "-"])
         .fails_with(4, "not signed");
     alice.ok(&[
-        "decrypt", "--allow-unsigned", "--in", unsigned.to_str().unwrap(), "--out",
+        "decrypt",
+        "--allow-unsigned",
+        "--in",
+        unsigned.to_str().unwrap(),
+        "--out",
         bad_out.to_str().unwrap(),
     ]);
 
     // Requests: Carol asks for researcher@hospital-c, the admin approves.
     let asked = carol.ok(&[
-        "keys", "request", "--authority", "hospital-c", "--attr", "researcher", "--reason",
+        "keys",
+        "request",
+        "--authority",
+        "hospital-c",
+        "--attr",
+        "researcher",
+        "--reason",
         "study 42",
     ]);
     let id = asked
@@ -189,7 +232,11 @@ fn three_hospitals_end_to_end() {
         .unwrap()
         .to_owned();
     w.c.ok(&["approve", &id]);
-    assert!(carol.ok(&["keys", "fetch", "--authority", "hospital-c"]).contains("researcher@hospital-c version 1"));
+    assert!(
+        carol
+            .ok(&["keys", "fetch", "--authority", "hospital-c"])
+            .contains("researcher@hospital-c version 1")
+    );
 
     // Field-level JSON: three readers, three different subsets.
     w.c.grant(&bob_gid, "family");
@@ -206,7 +253,12 @@ fn three_hospitals_end_to_end() {
     );
     let enc_json = alice.path("record.mabe.json");
     alice.ok(&[
-        "encrypt-json", "--policies", &sections, "--in", &record, "--out",
+        "encrypt-json",
+        "--policies",
+        &sections,
+        "--in",
+        &record,
+        "--out",
         enc_json.to_str().unwrap(),
     ]);
     let encrypted = std::fs::read_to_string(&enc_json).unwrap();
@@ -233,26 +285,51 @@ fn three_hospitals_end_to_end() {
         "{va}"
     );
     // A section without a policy is refused, not left in the clear.
-    let extra = write(&alice, "extra.json", br#"{"vital_signs": 1, "diary": "secret"}"#);
+    let extra = write(
+        &alice,
+        "extra.json",
+        br#"{"vital_signs": 1, "diary": "secret"}"#,
+    );
     alice
-        .run(&["encrypt-json", "--policies", &sections, "--in", &extra, "--out", "-"])
+        .run(&[
+            "encrypt-json",
+            "--policies",
+            &sections,
+            "--in",
+            &extra,
+            "--out",
+            "-",
+        ])
         .fails_with(1, "section \"diary\" of the record has no policy");
 
     // EMERGENCY expands from the trust file's consortium list.
     alice
         .run(&["policy", "check", "cardiology@hospital-a OR EMERGENCY"])
         .fails_with(1, "lists no emergency attributes");
-    alice.ok(&["trust", "emergency", "emergency@hospital-a", "emergency@hospital-b"]);
+    alice.ok(&[
+        "trust",
+        "emergency",
+        "emergency@hospital-a",
+        "emergency@hospital-b",
+    ]);
     let checked = alice.ok(&["policy", "check", "cardiology@hospital-a OR EMERGENCY"]);
-    assert!(checked.contains(
-        "canonical: cardiology@hospital-a OR 1 of (emergency@hospital-a, emergency@hospital-b)"
-    ), "{checked}");
+    assert!(
+        checked.contains(
+            "canonical: cardiology@hospital-a OR 1 of (emergency@hospital-a, emergency@hospital-b)"
+        ),
+        "{checked}"
+    );
     let (er, er_gid) = person(&w, "er-nurse");
     w.b.grant(&er_gid, "emergency");
     er.ok(&["keys", "fetch"]);
     let er_rec = alice.path("er.mabe");
     alice.ok(&[
-        "encrypt", "--policy", "cardiology@hospital-a OR EMERGENCY", "--in", &input, "--out",
+        "encrypt",
+        "--policy",
+        "cardiology@hospital-a OR EMERGENCY",
+        "--in",
+        &input,
+        "--out",
         er_rec.to_str().unwrap(),
     ]);
     let got = er
@@ -260,20 +337,47 @@ fn three_hospitals_end_to_end() {
         .args(["decrypt", "--in", er_rec.to_str().unwrap()])
         .output()
         .unwrap();
-    assert!(got.status.success(), "{}", String::from_utf8_lossy(&got.stderr));
+    assert!(
+        got.status.success(),
+        "{}",
+        String::from_utf8_lossy(&got.stderr)
+    );
     assert_eq!(got.stdout, plain);
 
     // Revocation: Bob loses cardiology; A rotates it to version 2.
     let single = "cardiology@hospital-a";
     let old_rec = alice.path("old.mabe");
-    alice.ok(&["encrypt", "--policy", single, "--in", &input, "--out", old_rec.to_str().unwrap()]);
+    alice.ok(&[
+        "encrypt",
+        "--policy",
+        single,
+        "--in",
+        &input,
+        "--out",
+        old_rec.to_str().unwrap(),
+    ]);
     w.a.ok(&["revoke", "--gid", &bob_gid, "--attr", "cardiology"]);
-    assert!(alice.ok(&["keys", "fetch"]).contains("cardiology@hospital-a version 2"));
+    assert!(
+        alice
+            .ok(&["keys", "fetch"])
+            .contains("cardiology@hospital-a version 2")
+    );
     let new_rec = alice.path("new.mabe");
-    alice.ok(&["encrypt", "--policy", single, "--in", &input, "--out", new_rec.to_str().unwrap()]);
+    alice.ok(&[
+        "encrypt",
+        "--policy",
+        single,
+        "--in",
+        &input,
+        "--out",
+        new_rec.to_str().unwrap(),
+    ]);
     let v: serde_json::Value =
         serde_json::from_str(&alice.ok(&["inspect", "--json", new_rec.to_str().unwrap()])).unwrap();
-    assert_eq!(v["header"]["rows"][0]["version"], 2, "encryption must use the current version");
+    assert_eq!(
+        v["header"]["rows"][0]["version"], 2,
+        "encryption must use the current version"
+    );
     bob.ok(&["keys", "fetch"]);
     bob.run(&["decrypt", "--in", new_rec.to_str().unwrap(), "--out", "-"])
         .fails_with(
@@ -298,8 +402,16 @@ fn three_hospitals_end_to_end() {
     // --help lists every capability and the exit codes.
     let help = alice.ok(&["--help"]);
     for cmd in [
-        "identity", "trust", "keys", "encrypt", "decrypt", "encrypt-json", "decrypt-json",
-        "policy", "inspect", "Exit codes",
+        "identity",
+        "trust",
+        "keys",
+        "encrypt",
+        "decrypt",
+        "encrypt-json",
+        "decrypt-json",
+        "policy",
+        "inspect",
+        "Exit codes",
     ] {
         assert!(help.contains(cmd), "{cmd} missing from --help");
     }
@@ -337,7 +449,10 @@ fn tampered_directories_impostor_keys_and_untrusted_authorities_are_refused() {
     // The genuine bundle imports (verified against the fetched directory).
     let real = p.path("real.bundle");
     a.ok(&["issue", "--gid", &gid, "--out", real.to_str().unwrap()]);
-    assert!(p.ok(&["keys", "import", real.to_str().unwrap()]).contains("cardiology@hospital-a version 1 verified"));
+    assert!(
+        p.ok(&["keys", "import", real.to_str().unwrap()])
+            .contains("cardiology@hospital-a version 1 verified")
+    );
 
     // A tampered entry in the stored directory: refused, offline and online
     // (the stored copy is verified again whenever it is read).
@@ -349,29 +464,61 @@ fn tampered_directories_impostor_keys_and_untrusted_authorities_are_refused() {
     bytes[n - 100] ^= 0x10; // inside the last entry's public key
     std::fs::write(&sdir, &bytes).unwrap();
     p.run(&[
-        "--offline", "encrypt", "--policy", "cardiology@hospital-a", "--in",
-        input.to_str().unwrap(), "--out", "-",
+        "--offline",
+        "encrypt",
+        "--policy",
+        "cardiology@hospital-a",
+        "--in",
+        input.to_str().unwrap(),
+        "--out",
+        "-",
     ])
-    .fails_with(5, "directory of hospital-a refused: signature does not verify");
+    .fails_with(
+        5,
+        "directory of hospital-a refused: signature does not verify",
+    );
     // A trust file pinning the wrong identity key refuses the live directory.
     let q = Person::new("frank");
     q.identity("big-register", "frank");
     q.ok(&[
-        "trust", "add", "--id", "hospital-a", "--endpoint",
-        &format!("https://localhost:{}", a.port.unwrap()), "--identity-key", &imp.identity_key,
-        "--tls-root", a.dir.join("tls/cert.pem").to_str().unwrap(),
+        "trust",
+        "add",
+        "--id",
+        "hospital-a",
+        "--endpoint",
+        &format!("https://localhost:{}", a.port.unwrap()),
+        "--identity-key",
+        &imp.identity_key,
+        "--tls-root",
+        a.dir.join("tls/cert.pem").to_str().unwrap(),
     ]);
-    q.run(&["encrypt", "--policy", "cardiology@hospital-a", "--in", input.to_str().unwrap(), "--out", "-"])
-        .fails_with(5, "signature does not verify with the pinned identity key");
+    q.run(&[
+        "encrypt",
+        "--policy",
+        "cardiology@hospital-a",
+        "--in",
+        input.to_str().unwrap(),
+        "--out",
+        "-",
+    ])
+    .fails_with(5, "signature does not verify with the pinned identity key");
     // TLS: the impostor's certificate is not the pinned root.
     let r = Person::new("gina");
     r.identity("big-register", "gina");
     r.ok(&[
-        "trust", "add", "--id", "hospital-a", "--endpoint",
-        &format!("https://localhost:{}", a.port.unwrap()), "--identity-key", &a.identity_key,
-        "--tls-root", imp.dir.join("tls/cert.pem").to_str().unwrap(),
+        "trust",
+        "add",
+        "--id",
+        "hospital-a",
+        "--endpoint",
+        &format!("https://localhost:{}", a.port.unwrap()),
+        "--identity-key",
+        &a.identity_key,
+        "--tls-root",
+        imp.dir.join("tls/cert.pem").to_str().unwrap(),
     ]);
-    r.run(&["keys", "fetch"]).fails_with(6, "cannot reach authority hospital-a");
+    r.run(&["keys", "fetch"])
+        .fails_with(6, "cannot reach authority hospital-a");
 }
 
 #[test]
@@ -379,11 +526,23 @@ fn a_passphrase_protects_the_key_store() {
     let p = Person::new("henk");
     let ran = p
         .cmd()
-        .args(["identity", "new", "--registry", "big-register", "--subject", "henk", "--passphrase"])
+        .args([
+            "identity",
+            "new",
+            "--registry",
+            "big-register",
+            "--subject",
+            "henk",
+            "--passphrase",
+        ])
         .env("MABE_PASSPHRASE", "correct horse battery")
         .output()
         .unwrap();
-    assert!(ran.status.success(), "{}", String::from_utf8_lossy(&ran.stderr));
+    assert!(
+        ran.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ran.stderr)
+    );
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
@@ -394,7 +553,8 @@ fn a_passphrase_protects_the_key_store() {
     }
     // The public part needs no passphrase; the keys do.
     assert!(p.ok(&["identity", "show"]).contains("protected: yes"));
-    p.run(&["keys", "list"]).fails_with(1, "protected by a passphrase");
+    p.run(&["keys", "list"])
+        .fails_with(1, "protected by a passphrase");
     let wrong = p
         .cmd()
         .args(["keys", "list"])
@@ -408,10 +568,21 @@ fn a_passphrase_protects_the_key_store() {
         .env("MABE_PASSPHRASE", "correct horse battery")
         .output()
         .unwrap();
-    assert!(right.status.success(), "{}", String::from_utf8_lossy(&right.stderr));
+    assert!(
+        right.status.success(),
+        "{}",
+        String::from_utf8_lossy(&right.stderr)
+    );
     // No secret in the files in the clear: the seed is sealed.
     let id = std::fs::read(p.path("identity")).unwrap();
     assert!(id.len() > 100);
-    p.run(&["identity", "new", "--registry", "big-register", "--subject", "henk"])
-        .fails_with(1, "already exists");
+    p.run(&[
+        "identity",
+        "new",
+        "--registry",
+        "big-register",
+        "--subject",
+        "henk",
+    ])
+    .fails_with(1, "already exists");
 }

@@ -198,8 +198,7 @@ fn golden_records_decrypt_and_inspect_identically() {
             c.name
         );
         let json = reader.ok(&["inspect", "--json", record.to_str().unwrap()]);
-        let expected =
-            std::fs::read_to_string(d.join(format!("{}.inspect.json", c.name))).unwrap();
+        let expected = std::fs::read_to_string(d.join(format!("{}.inspect.json", c.name))).unwrap();
         assert_eq!(json, expected, "{} inspects differently", c.name);
         let v: serde_json::Value = serde_json::from_str(&json).unwrap();
         assert_eq!(v["signature_check"], "valid");
@@ -219,5 +218,8 @@ fn golden_records_decrypt_and_inspect_identically() {
         "import",
         d.join("reader-keys.bundle").to_str().unwrap(),
     ]);
-    assert!(text.contains("cardiology@hospital-a version 1 verified"), "{text}");
+    assert!(
+        text.contains("cardiology@hospital-a version 1 verified"),
+        "{text}"
+    );
 }

@@ -103,8 +103,8 @@ fn a_256_mib_record_streams_through_encrypt_and_decrypt_in_bounded_memory() {
     assert_eq!(total, PAYLOAD);
     assert_eq!(h.finalize(), sent, "the plaintext came back different");
 
-    let usage = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_CHILDREN)
-        .unwrap();
+    let usage =
+        nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_CHILDREN).unwrap();
     let peak_kib = usage.max_rss();
     eprintln!("peak RSS of the largest child: {} KiB", peak_kib);
     assert!(

@@ -32,7 +32,11 @@ fn three(rng: &mut StdRng) -> [OfflineAuthority; 3] {
 
 const POLICY: &str = "cardiology@hospital-a AND consultant@hospital-b AND genetics@hospital-c";
 
-fn record(rng: &mut StdRng, auths: &[OfflineAuthority; 3], plain: &[u8]) -> (Vec<u8>, PublicKeyRing) {
+fn record(
+    rng: &mut StdRng,
+    auths: &[OfflineAuthority; 3],
+    plain: &[u8],
+) -> (Vec<u8>, PublicKeyRing) {
     let mut pks = PublicKeyRing::new();
     for a in auths {
         pks.insert(a.attributes[0].public_key(rng)).unwrap();
@@ -52,7 +56,12 @@ fn record(rng: &mut StdRng, auths: &[OfflineAuthority; 3], plain: &[u8]) -> (Vec
     (out, pks)
 }
 
-fn ring(gid: Gid, auths: &[&OfflineAuthority], pks: &PublicKeyRing, rng: &mut StdRng) -> UserKeyRing {
+fn ring(
+    gid: Gid,
+    auths: &[&OfflineAuthority],
+    pks: &PublicKeyRing,
+    rng: &mut StdRng,
+) -> UserKeyRing {
     let mut r = UserKeyRing::new(gid).unwrap();
     for a in auths {
         let sk = &a.attributes[0];
@@ -141,10 +150,16 @@ fn tampered_or_truncated_records_never_decrypt_as_valid() {
     for pos in positions {
         let mut bad = rec.clone();
         bad[pos] ^= 0x01;
-        assert!(read(&bad, &keys, &pks).is_err(), "flip at {pos} of {len} accepted");
+        assert!(
+            read(&bad, &keys, &pks).is_err(),
+            "flip at {pos} of {len} accepted"
+        );
     }
     for cut in [0, 6, 100, len - 200, len - 65, len - 64, len - 1] {
-        assert!(read(&rec[..cut], &keys, &pks).is_err(), "cut at {cut} accepted");
+        assert!(
+            read(&rec[..cut], &keys, &pks).is_err(),
+            "cut at {cut} accepted"
+        );
     }
     let mut long = rec.clone();
     long.push(0);
@@ -212,7 +227,12 @@ fn directories_tampered_foreign_expired_or_superseded_are_refused() {
     };
 
     // After a rotation: v1 superseded, v2 current: encryption uses v2.
-    let d = signed_dir(&a.identity, "hospital-a", vec![(&pk1, false), (&pk2, true)], now);
+    let d = signed_dir(
+        &a.identity,
+        "hospital-a",
+        vec![(&pk1, false), (&pk2, true)],
+        now,
+    );
     let d = VerifiedDirectory::verify(&trusted, d).unwrap();
     let ring = ring_of(d, now).unwrap();
     assert_eq!(ring.current(&doctor).unwrap().version(), Version::new(2));
@@ -224,7 +244,12 @@ fn directories_tampered_foreign_expired_or_superseded_are_refused() {
     assert!(err.to_string().contains("superseded"), "{err}");
 
     // An older version marked current next to a newer one: inconsistent.
-    let d = signed_dir(&a.identity, "hospital-a", vec![(&pk1, true), (&pk2, false)], now);
+    let d = signed_dir(
+        &a.identity,
+        "hospital-a",
+        vec![(&pk1, true), (&pk2, false)],
+        now,
+    );
     let err = VerifiedDirectory::verify(&trusted, d).unwrap_err();
     assert!(err.to_string().contains("marked current"), "{err}");
 

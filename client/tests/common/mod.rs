@@ -38,9 +38,16 @@ pub fn authority_bin() -> &'static Path {
         let target_dir = profile_dir.parent().expect("target dir");
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| env!("CARGO").to_owned());
         let mut cmd = Command::new(cargo);
-        cmd.args(["build", "-q", "-p", "mabe-authority", "--bin", "mabe-authority"])
-            .arg("--target-dir")
-            .arg(target_dir);
+        cmd.args([
+            "build",
+            "-q",
+            "-p",
+            "mabe-authority",
+            "--bin",
+            "mabe-authority",
+        ])
+        .arg("--target-dir")
+        .arg(target_dir);
         if profile_dir.file_name().is_some_and(|n| n == "release") {
             cmd.arg("--release");
         }
@@ -385,13 +392,14 @@ pub fn offline_home(
     let hashed = HashedGid::new(info.gid).unwrap();
     let mut keys = store.load_keys().unwrap();
     for a in authorities {
-        let dir = VerifiedDirectory::verify(&a.trusted(), a.directory(issued_at, validity, rng))
-            .unwrap();
+        let dir =
+            VerifiedDirectory::verify(&a.trusted(), a.directory(issued_at, validity, rng)).unwrap();
         store.save_directory(&dir, &a.trusted()).unwrap();
         for sk in &a.attributes {
             if grants.contains(&sk.attribute().to_string().as_str()) {
                 let pk = dir.get(sk.attribute(), sk.version()).unwrap();
-                keys.insert_verified(sk.keygen(&hashed, rng), pk, 0).unwrap();
+                keys.insert_verified(sk.keygen(&hashed, rng), pk, 0)
+                    .unwrap();
             }
         }
     }
