@@ -104,7 +104,12 @@ impl Client {
         let t = self.trust.authority(id)?;
         let mut conn = Connection::connect(t.clone()).await?;
         let dir = conn.verified_directory().await?;
-        self.store.save_directory(&dir, t)?;
+        if !self.store.save_directory(&dir, t)? {
+            // The stored directory is newer: never roll back to an older one.
+            if let Some(stored) = self.store.load_directory(t)? {
+                return Ok(stored);
+            }
+        }
         Ok(dir)
     }
 

@@ -243,20 +243,6 @@ impl StoredKeys {
         Ok(ring)
     }
 
-    /// A ring with the newest key of every attribute, each checked against
-    /// `pks` (keys without a public key there are left out).
-    pub fn newest_ring(&self, pks: &PublicKeyRing) -> Result<UserKeyRing> {
-        let mut ring = UserKeyRing::new(self.gid())?;
-        for ((a, v), k) in self.keys.iter().rev() {
-            if ring.get(a).is_none() {
-                if let Some(pk) = pks.get(a, *v) {
-                    ring.insert(copy_key(&k.key)?, pk)?;
-                }
-            }
-        }
-        Ok(ring)
-    }
-
     fn encode_body(&self) -> Zeroizing<Vec<u8>> {
         let mut out = Zeroizing::new(Vec::with_capacity(16 + self.keys.len() * 256));
         out.extend_from_slice(&(self.keys.len() as u32).to_be_bytes());

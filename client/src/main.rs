@@ -490,9 +490,7 @@ async fn run(cli: Cli) -> Result<()> {
                     let identity_key = ed25519_dalek::VerifyingKey::from_bytes(&key)
                         .map_err(|_| anyhow!("--identity-key is not an Ed25519 public key"))?;
                     let tls_root = match tls_root {
-                        Some(p) => {
-                            fs::read(p).with_context(|| format!("reading {}", p.display()))?
-                        }
+                        Some(p) => read_all(&p.to_string_lossy(), 256 * 1024)?,
                         None => Vec::new(),
                     };
                     if endpoint.is_some() && tls_root.is_empty() {
@@ -755,8 +753,8 @@ async fn run(cli: Cli) -> Result<()> {
             no_sign,
         } => {
             let c = client(&cli)?;
-            let text = fs::read_to_string(policies)
-                .with_context(|| format!("reading {}", policies.display()))?;
+            let text = String::from_utf8(read_all(&policies.to_string_lossy(), 1 << 20)?)
+                .context("the sections file is not UTF-8")?;
             let policies = SectionPolicies::from_toml(&text)?;
             let record: serde_json::Value =
                 serde_json::from_slice(&read_all(input, mabe_client::json::MAX_JSON_BYTES)?)

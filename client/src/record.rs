@@ -91,21 +91,6 @@ pub struct RecordPrefix {
     pub writer: Option<Writer>,
 }
 
-impl RecordPrefix {
-    /// Encoded length of the prefix.
-    pub fn len(&self) -> usize {
-        RECORD_MAGIC.len()
-            + 4
-            + self.header_bytes.len()
-            + 1
-            + if self.writer.is_some() { 64 } else { 0 }
-    }
-    /// Never empty (kept for the `len` convention).
-    pub fn is_empty(&self) -> bool {
-        false
-    }
-}
-
 /// What a pass over a payload found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PayloadSummary {
