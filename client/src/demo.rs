@@ -88,8 +88,8 @@ async fn start_authority(dir: &Path, id: &str) -> Result<Hospital> {
     Ok(Hospital {
         id: id.into(),
         trust: TrustedAuthority {
-            id: id.into(),
-            endpoint: format!("https://localhost:{}", public.port()),
+            id: id.parse()?,
+            endpoint: Some(format!("https://localhost:{}", public.port())),
             identity_key: node.identity_public_key(),
             tls_root: cert,
             tls_name: "localhost".into(),
@@ -260,7 +260,7 @@ pub async fn run(keep: Option<PathBuf>) -> Result<()> {
         let h = start_authority(&root.join(id), id).await?;
         println!(
             "    {id:<15} listening on {} (identity key {}…)",
-            h.trust.endpoint,
+            h.trust.endpoint.as_deref().unwrap_or("-"),
             &hex::encode(h.trust.identity_key.to_bytes())[..16]
         );
         hs.insert(id, h);
