@@ -21,6 +21,9 @@ const ONE_ROW: &str = "cardiology@hospital-a";
 const TWO_ROWS: &str = "cardiology@hospital-a OR (cardiology@hospital-a AND doctor@hospital-a)";
 const OTHER: &str = "doctor@hospital-a";
 
+/// A stored record: its policy, plaintext and payload ciphertext.
+type Stored = (&'static str, Vec<u8>, Vec<u8>);
+
 async fn doctor_revoked(backend: Backend) {
     let tmp = tempfile::tempdir().unwrap();
     let mut a = Authority::init(
@@ -64,7 +67,7 @@ async fn doctor_revoked(backend: Backend) {
     // Stored records: 12 with one cardiology row, 4 with two (20 rows), 3
     // without.
     let mut store = proxy.records().await.unwrap();
-    let mut stored: BTreeMap<[u8; 16], (&str, Vec<u8>, Vec<u8>)> = BTreeMap::new();
+    let mut stored: BTreeMap<[u8; 16], Stored> = BTreeMap::new();
     for (policy, n) in [(ONE_ROW, 12), (TWO_ROWS, 4), (OTHER, 3)] {
         for i in 0..n {
             let text = format!("{policy} record {i}").into_bytes();
