@@ -182,6 +182,29 @@ impl Client {
         Ok(out)
     }
 
+    /// Break the glass at `authority` (emergency staff only): the emergency
+    /// key is verified by the pairing check against the authority's signed
+    /// directory and stored; it expires (the returned `Fetched` lists it).
+    pub async fn break_glass(&self, authority: &AuthorityId, reason: &str) -> Result<Fetched> {
+        let identity = self.store.load_identity()?;
+        let mut keys = self.store.load_keys()?;
+        let t = self.trust.authority(authority)?.clone();
+        let mut conn = Connection::connect(t.clone()).await?;
+        let dir = conn.verified_directory().await?;
+        self.store.save_directory(&dir, &t)?;
+        let issued = conn.break_glass(&identity, reason).await?;
+        let mut staged = StoredKeys::new(identity.gid)?;
+        for k in issued {
+            verify_received(&t.id, &k.user_key, &dir, &mut staged, k.expires_at)?;
+        }
+        let fetched = Fetched {
+            authority: t.id.clone(),
+            keys: staged_into(staged, &dir, &mut keys)?,
+        };
+        self.store.save_keys(&keys)?;
+        Ok(fetched)
+    }
+
     /// Ask `attribute`'s authority for it, with a reason (signed). Returns
     /// the request id; an administrator (or the patient, for a personal
     /// authority) decides, then `fetch_keys` brings the key.

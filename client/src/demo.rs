@@ -1,7 +1,9 @@
 //! `mabe demo`: three hospitals and a patient's personal authority, as real
-//! authority nodes (SQLite, TLS gRPC on loopback) in this process, sharing a
-//! patient's record. Prints the story; fails (non-zero exit) if any
-//! expectation does not hold.
+//! authority nodes, and a record-store proxy (SQLite, TLS gRPC on loopback)
+//! in this process, sharing a patient's record: requests and approvals,
+//! field-level policies, a revocation carried out at the proxy with update
+//! tokens, and break-glass emergency access. Prints the story; fails
+//! (non-zero exit) if any expectation does not hold.
 
 use std::{
     collections::BTreeMap,
@@ -14,8 +16,7 @@ use anyhow::{Context, Result, bail, ensure};
 use ark_std::rand::rngs::OsRng;
 use ed25519_dalek::SigningKey;
 use mabe_abe::{
-    AbeError, EncryptOptions, Header, PublicKeyRing, Snapshot, UserKeyRing, Version, decrypt,
-    encrypt,
+    AbeError, EncryptOptions, Header, PublicKeyRing, UserKey, UserKeyRing, decrypt, encrypt,
 };
 use mabe_authority::{
     admin_client::signed,
@@ -101,6 +102,52 @@ async fn start_authority(dir: &Path, id: &str) -> Result<Hospital> {
     })
 }
 
+/// The record-store proxy, in this process: its id, URL and TLS root.
+struct Cloud {
+    id: String,
+    url: String,
+    tls_root: Vec<u8>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+async fn start_proxy(dir: &Path, id: &str, trusted: &[(&str, [u8; 32])]) -> Result<Cloud> {
+    use mabe_proxy::{
+        node::{Node as ProxyNode, NodeConfig as ProxyConfig},
+        server::{Listeners as ProxyListeners, ServeOptions as ProxyOptions, TlsPem as ProxyTls},
+        store::sqlite::SqliteStore as ProxyStore,
+    };
+    std::fs::create_dir_all(dir)?;
+    let store = Arc::new(ProxyStore::open(&dir.join("proxy.db"))?);
+    let node = Arc::new(ProxyNode::new(store, ProxyConfig::new(id))?);
+    for (authority, key) in trusted {
+        node.trust(authority, key).await?;
+    }
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".into()])?;
+    let tls = ProxyTls {
+        cert: ck.cert.pem().into_bytes(),
+        key: ck.signing_key.serialize_pem().into_bytes(),
+    };
+    let listeners = ProxyListeners::bind("127.0.0.1:0".parse()?, "127.0.0.1:0".parse()?).await?;
+    let (public, _) = listeners.addrs()?;
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        if let Err(e) =
+            mabe_proxy::server::serve(node, listeners, ProxyOptions::new(Some(tls)), async {
+                let _ = rx.await;
+            })
+            .await
+        {
+            eprintln!("proxy stopped with an error: {e}");
+        }
+    });
+    Ok(Cloud {
+        id: id.into(),
+        url: format!("https://localhost:{}", public.port()),
+        tls_root: ck.cert.pem().into_bytes(),
+        stop: Some(tx),
+    })
+}
+
 impl Hospital {
     async fn create(&mut self, name: &str) -> Result<()> {
         let req = signed(
@@ -113,13 +160,19 @@ impl Hospital {
         Ok(())
     }
 
-    async fn enroll(&mut self, who: &Identity, registry: &str, subject: &str) -> Result<()> {
+    async fn enroll(
+        &mut self,
+        who: &Identity,
+        registry: &str,
+        subject: &str,
+        roles: &[&str],
+    ) -> Result<()> {
         let req = signed(
             EnrollRequest {
                 registry: registry.into(),
                 subject: subject.into(),
                 request_key: who.key.verifying_key().to_bytes().to_vec(),
-                roles: vec![],
+                roles: roles.iter().map(|r| r.to_string()).collect(),
             },
             &self.id,
             &format!("{ADMIN}Enroll"),
@@ -249,7 +302,9 @@ pub async fn run(keep: Option<PathBuf>) -> Result<()> {
         None => tmp.path().to_path_buf(),
     };
     println!("mabe demo: three hospitals and one patient's personal authority share a record.");
-    println!("Each authority is a real node (SQLite, TLS gRPC on 127.0.0.1) in this process.");
+    println!(
+        "Each authority and the record-store proxy is a real node (SQLite, TLS gRPC on 127.0.0.1) in this process."
+    );
 
     step(
         t0,
@@ -265,6 +320,27 @@ pub async fn run(keep: Option<PathBuf>) -> Result<()> {
         );
         hs.insert(id, h);
     }
+    step(
+        t0,
+        "Starting the record-store proxy cloud-1 (it never sees a key or a plaintext)",
+    );
+    let trusted: Vec<(&str, [u8; 32])> = hs
+        .iter()
+        .map(|(id, h)| (*id, h.trust.identity_key.to_bytes()))
+        .collect();
+    let mut cloud = start_proxy(&root.join("cloud-1"), "cloud-1", &trusted).await?;
+    for h in hs.values() {
+        h.node
+            .add_proxy(&cloud.id, &cloud.url, &cloud.tls_root, "localhost")
+            .await?;
+    }
+    println!(
+        "    cloud-1 listening on {}; it pins the four authorities' identity keys, and each authority registered it",
+        cloud.url
+    );
+    let mut records =
+        mabe_proxy::client::RecordClient::connect(&cloud.url, &cloud.tls_root, "localhost").await?;
+
     step(t0, "Administrators create attributes");
     for (id, names) in [
         ("hospital-a", &["doctor", "cardiology", "researcher"][..]),
@@ -298,18 +374,29 @@ pub async fn run(keep: Option<PathBuf>) -> Result<()> {
         ("Nurse Bakker (emergency, B)", "big-register", "19033333303"),
         ("R. Smit (researcher)", "orcid", "0000-0002-1825-0097"),
         ("E. Jansen (daughter)", "national-id", "NL-123456782"),
+        (
+            "Dr. Visser (emergency physician, C)",
+            "big-register",
+            "19044444404",
+        ),
     ] {
         let id = Identity::new(registry, subject)?;
         let keys = UserKeyRing::new(id.gid)?;
         people.push(Person { name, id, keys });
         let p = people.last().context("person")?;
         for auth in ["hospital-a", "hospital-b", "hospital-c", "patient-jansen"] {
+            // Hospital C enrolls Dr. Visser as emergency staff.
+            let roles: &[&str] = if auth == "hospital-c" && subject == "19044444404" {
+                &["emergency-staff"]
+            } else {
+                &[]
+            };
             hs.get_mut(auth)
                 .context("authority")?
-                .enroll(&p.id, registry, subject)
+                .enroll(&p.id, registry, subject, roles)
                 .await?;
         }
-        println!("    {name:<32} GID {}…", &p.id.gid.to_string()[..16]);
+        println!("    {name:<36} GID {}…", &p.id.gid.to_string()[..16]);
     }
     {
         let a = hs.get_mut("hospital-a").context("a")?;
@@ -386,7 +473,7 @@ pub async fn run(keep: Option<PathBuf>) -> Result<()> {
             got.extend(conn.fetch_keys(&p.id, &pks, &mut p.keys).await?);
         }
         println!(
-            "    {:<32} {}",
+            "    {:<36} {}",
             p.name,
             if got.is_empty() {
                 "(no keys)".into()
@@ -401,6 +488,7 @@ pub async fn run(keep: Option<PathBuf>) -> Result<()> {
         "A hospital system writes the patient's record, one policy per section",
     );
     let mut stored: Vec<(Header, Vec<u8>)> = Vec::new();
+    let mut ids: Vec<[u8; 16]> = Vec::new();
     for (section, policy, body) in SECTIONS {
         let p = mabe_policy::parse(policy)?;
         let mut payload = Vec::new();
@@ -412,17 +500,26 @@ pub async fn run(keep: Option<PathBuf>) -> Result<()> {
             body.as_bytes(),
             &mut payload,
         )?;
-        println!("    {section:<17} under {policy}");
+        let id = records
+            .put(&header.to_bytes(), std::io::Cursor::new(payload.clone()))
+            .await?;
+        println!(
+            "    {section:<17} under {policy}\n{:<22}stored at cloud-1 as {}",
+            "",
+            hex::encode(id)
+        );
+        ids.push(id);
         stored.push((Header::from_bytes(&header.to_bytes())?, payload));
     }
 
     // Who may read what: (person, section) -> expected.
     let expect = [
-        [true, true, false],  // Dr. Jansen
-        [true, true, false],  // Dr. de Vries
-        [true, false, false], // Nurse Bakker (emergency@hospital-b)
-        [false, false, true], // researcher
-        [false, true, false], // daughter
+        [true, true, false],   // Dr. Jansen
+        [true, true, false],   // Dr. de Vries
+        [true, false, false],  // Nurse Bakker (emergency@hospital-b)
+        [false, false, true],  // researcher
+        [false, true, false],  // daughter
+        [false, false, false], // Dr. Visser, before breaking the glass
     ];
     step(t0, "Who can read what");
     let mut failures = 0;
@@ -442,7 +539,7 @@ pub async fn run(keep: Option<PathBuf>) -> Result<()> {
                     )
                 }
             };
-            println!("    {:<32} {line}", p.name);
+            println!("    {:<36} {line}", p.name);
         }
     }
     ensure!(failures == 0, "{failures} unexpected read results");
@@ -469,45 +566,42 @@ pub async fn run(keep: Option<PathBuf>) -> Result<()> {
         "    cardiology@hospital-a is now version {}; {} remaining holder(s)",
         rev.new_version, rev.reissued_to
     );
-    // The record store's side (the revocation proxy is its own issue): freeze
-    // version 1, snapshot the affected rows, apply the authority's tokens.
-    let attr: mabe_abe::Attribute = "cardiology@hospital-a".parse()?;
-    let mut snap = Snapshot::new(attr.clone(), Version::FIRST);
-    for (h, _) in &stored {
-        for r in h.snapshot_rows(&attr, Version::FIRST) {
-            snap.insert(r)?;
+    // The authority drives the rotation at the proxy: freeze version 1,
+    // snapshot the affected rows, send one update token per row, erase the
+    // update secret.
+    let report = |p: &mabe_authority::store::RotationProgress| {
+        if p.done_at.is_some() {
+            println!(
+                "    proxy {}: {}/{} row(s) updated with tokens (snapshot root {}…)",
+                p.proxy_id,
+                p.rows_done,
+                p.rows_total,
+                &hex::encode(p.snapshot_root)[..16]
+            );
         }
-    }
-    let job = a
-        .node
-        .rotations(true)
-        .await?
-        .into_iter()
-        .next()
-        .context("a pending rotation")?;
-    let us = a.node.update_secret(&job)?;
-    let mut tg = us.token_generator(snap, &mut OsRng)?;
-    let before: Vec<Vec<u8>> = stored.iter().map(|(_, p)| p.clone()).collect();
-    let mut updated = 0;
-    for (h, _) in stored.iter_mut() {
-        let rows = h.snapshot_rows(&attr, Version::FIRST);
-        if rows.is_empty() {
-            continue;
-        }
-        let tokens = rows
-            .iter()
-            .map(|r| tg.issue(r, &mut OsRng))
-            .collect::<Result<Vec<_>, _>>()?;
-        h.apply_tokens(&tokens)?;
-        updated += tokens.len();
-    }
-    a.node.finish_rotation(job.id).await?;
+    };
+    let job = mabe_authority::revocation::drive_rotation(&a.node, rev.rotation_id, &report).await?;
     ensure!(
-        stored.iter().map(|(_, p)| p.clone()).collect::<Vec<_>>() == before,
-        "payloads changed"
+        job.update_secret_sealed.is_none(),
+        "the update secret must be erased"
     );
+    let mut updated_rows = 0;
+    for (i, id) in ids.iter().enumerate() {
+        let (header, payload) = records.get(id, Vec::new()).await?;
+        let entry = stored.get_mut(i).context("record")?;
+        ensure!(payload == entry.1, "payload bytes changed at the proxy");
+        let fresh = Header::from_bytes(&header)?;
+        updated_rows += fresh
+            .rows()
+            .iter()
+            .filter(|r| {
+                r.attribute().to_string() == "cardiology@hospital-a" && r.version().get() == 2
+            })
+            .count();
+        entry.0 = fresh;
+    }
     println!(
-        "    {updated} header row(s) re-encrypted in place with update tokens; payload bytes unchanged; update secret erased"
+        "    {updated_rows} header row(s) at cardiology v2 in storage; payload bytes unchanged; update secret erased"
     );
     let mut pks2 = PublicKeyRing::new();
     for conn in conns.values_mut() {
@@ -543,6 +637,60 @@ pub async fn run(keep: Option<PathBuf>) -> Result<()> {
         other => bail!("unexpected fetch for the revoked cardiologist: {other:?}"),
     }
 
+    step(
+        t0,
+        "Emergency: Dr. Visser at hospital-c breaks the glass for a patient from hospital-a",
+    );
+    let visser = &mut people[5];
+    let reason = "patient Jansen unconscious in our ER after a car accident";
+    let issued = conns
+        .get_mut("hospital-c")
+        .context("c")?
+        .break_glass(&visser.id, reason)
+        .await?;
+    for k in issued {
+        let key = UserKey::from_bytes(&k.user_key)?;
+        let pk = pks2
+            .get(key.attribute(), key.version())
+            .context("emergency public key")?
+            .clone();
+        println!(
+            "    hospital-c issues {} v{} at once, expiring at {} (pairing check passed)",
+            key.attribute(),
+            key.version(),
+            k.expires_at
+        );
+        visser.keys.insert(key, &pk)?;
+    }
+    let vitals = &stored[0];
+    ensure!(read(&vitals.0, &vitals.1, &people[5].keys, &pks2)? == SECTIONS[0].2.as_bytes());
+    println!("    Dr. Visser reads vital signs");
+    match read(&stored[1].0, &stored[1].1, &people[5].keys, &pks2) {
+        Err(e) => println!("    Dr. Visser, personal report: {}", explain(&e)),
+        Ok(_) => bail!("the emergency key must not open the personal report"),
+    }
+    let c_audit = hs
+        .get("hospital-c")
+        .context("c")?
+        .node
+        .store()
+        .audit_entries(1, 10_000)
+        .await?;
+    let entry = c_audit
+        .iter()
+        .find(|e| e.event.kind == "break-glass")
+        .context("hospital-c audited the break-glass")?;
+    ensure!(entry.event.detail.contains(reason));
+    println!(
+        "    hospital-c's audit log, entry #{}: break-glass by {}…: {}",
+        entry.seq,
+        &entry.event.actor[..16.min(entry.event.actor.len())],
+        entry.event.detail
+    );
+    println!(
+        "    when the grant expires, `rotate-expired` rotates emergency@hospital-c and the proxy updates stored rows"
+    );
+
     step(t0, "Every authority verifies its tamper-evident audit log");
     for (id, hosp) in &hs {
         hosp.node.checkpoint().await?;
@@ -555,11 +703,12 @@ pub async fn run(keep: Option<PathBuf>) -> Result<()> {
     }
 
     println!(
-        "\nNot in this demo yet: the revocation proxy as its own service, the `mabe` key store and"
+        "\nThe same flows from the command line: `mabe` (key store, encrypt/decrypt, encrypt-json,"
     );
     println!(
-        "encrypt/decrypt commands, and emergency break-glass access (they are the next issues)."
+        "keys break-glass), `mabe-authority` and `mabe-proxy`; see README.md and docs/CLIENT.md."
     );
+    let _ = cloud.stop.take().map(|s| s.send(()));
     for hosp in hs.values_mut() {
         let _ = hosp.stop.take().map(|s| s.send(()));
     }

@@ -226,6 +226,16 @@ enum KeysCmd {
         #[arg(long)]
         authority: Option<String>,
     },
+    /// Emergency access: get an authority's emergency key now, with a reason
+    /// (emergency staff only; audited by the authority; the key expires).
+    BreakGlass {
+        /// Authority id.
+        #[arg(long)]
+        authority: String,
+        /// Why (stored in the authority's audit log).
+        #[arg(long)]
+        reason: String,
+    },
     /// List the keys you hold.
     List,
     /// Import an offline key bundle (from `mabe-authority issue --out`).
@@ -614,6 +624,17 @@ async fn run(cli: Cli) -> Result<()> {
             }
             if let Some(e) = first_err {
                 return Err(e.into());
+            }
+        }
+        Command::Keys(KeysCmd::BreakGlass { authority, reason }) => {
+            let c = client(&cli)?;
+            let id = AuthorityId::new(authority)?;
+            let f = c.break_glass(&id, reason).await?;
+            for (a, v, _) in f.keys {
+                println!(
+                    "{}: emergency key {a} version {v} verified and stored; this access is audited and expires",
+                    f.authority
+                );
             }
         }
         Command::Keys(KeysCmd::List) => {

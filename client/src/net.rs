@@ -7,9 +7,9 @@ use ark_std::rand::{RngCore, rngs::OsRng};
 use ed25519_dalek::Signer;
 use mabe_abe::{PublicKeyRing, UserKey, UserKeyRing};
 use mabe_proto::{
-    signing::{attribute_request_message, key_request_message},
+    signing::{attribute_request_message, break_glass_message, key_request_message},
     v1::{
-        AttributeRequest, GetDirectoryRequest, IssuedKey, KeyRequest,
+        AttributeRequest, BreakGlassRequest, GetDirectoryRequest, IssuedKey, KeyRequest,
         authority_client::AuthorityClient,
     },
 };
@@ -131,6 +131,31 @@ impl Connection {
                 authority_id: id,
                 gid: who.gid.as_bytes().to_vec(),
                 attributes: vec![],
+                nonce: n,
+                timestamp: ts,
+                signature: who.key.sign(&msg).to_bytes().to_vec(),
+            })
+            .await
+            .map_err(|s| self.refused(s))?
+            .into_inner()
+            .keys)
+    }
+
+    /// Emergency access (DESIGN §4): ask for this authority's emergency key
+    /// with a reason (signed; the reason lands in the authority's audit
+    /// log). Succeeds only for people enrolled as emergency staff; the key
+    /// is returned as issued, with its expiry: verify it like any other.
+    pub async fn break_glass(&mut self, who: &Identity, reason: &str) -> Result<Vec<IssuedKey>> {
+        let n = nonce();
+        let ts = unix_now();
+        let id = self.trust.id.to_string();
+        let msg = break_glass_message(&id, who.gid.as_bytes(), reason, &n, ts);
+        Ok(self
+            .client
+            .break_glass(BreakGlassRequest {
+                authority_id: id,
+                gid: who.gid.as_bytes().to_vec(),
+                reason: reason.into(),
                 nonce: n,
                 timestamp: ts,
                 signature: who.key.sign(&msg).to_bytes().to_vec(),
