@@ -1036,10 +1036,10 @@ async fn reopen_keeps_data_and_schema(h: Arc<Harness>) {
     // A third open applies nothing twice: one schema_version row per migration.
     let s = h.reopen().await;
     assert_eq!(s.meta().await.unwrap(), Some(meta()));
-    assert_eq!(h.query_i64("SELECT COUNT(*) FROM schema_version").await, 2);
+    assert_eq!(h.query_i64("SELECT COUNT(*) FROM schema_version").await, 3);
     assert_eq!(
         h.query_i64("SELECT MAX(version) FROM schema_version").await,
-        2
+        3
     );
 }
 
