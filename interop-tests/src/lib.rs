@@ -53,12 +53,18 @@ pub fn bin(name: &str) -> PathBuf {
     static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     let dir = BUILT.get_or_init(|| {
         let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-        // target/<profile>/deps/<test> -> target/<profile>
-        let profile_dir = exe
+        // target/<profile>/deps/<test> (a test) or target/<profile>/<bin>
+        // (a benchmark program) -> target/<profile>
+        let mut profile_dir = exe
             .parent()
-            .and_then(Path::parent)
             .ok_or("cannot locate the target directory")?
             .to_path_buf();
+        if profile_dir.file_name().is_some_and(|n| n == "deps") {
+            profile_dir = profile_dir
+                .parent()
+                .ok_or("cannot locate the target directory")?
+                .to_path_buf();
+        }
         let release = profile_dir.file_name().is_some_and(|n| n == "release");
         let mut cmd = Command::new(env!("CARGO"));
         cmd.current_dir(workspace_root()).args([
