@@ -11,6 +11,7 @@ use ark_bls12_381::Fr;
 use ark_std::rand::{CryptoRng, RngCore};
 use mabe_abe::{EncryptOptions, Header, PublicKeyRing, RecordKey, UserKey, Version};
 use mabe_policy::{Attribute, AuthorityId, Lsss, Policy, PolicyError};
+use zeroize::Zeroizing;
 
 use crate::{
     directory::{VerifiedDirectory, decryption_ring, encryption_ring},
@@ -339,6 +340,46 @@ impl Client {
             },
             other => other,
         })
+    }
+
+    /// Export the keys held and the public keys of every stored, verified
+    /// directory as JSON text (`docs/FORMAT.md` §9.5), so that another
+    /// implementation can decrypt our records. The text holds secret keys:
+    /// it is wiped on drop, and belongs only in a private file.
+    pub fn export_keys(&self) -> Result<Zeroizing<String>> {
+        let keys = self.store.load_keys()?;
+        let dirs = self.store.directories(&self.trust)?;
+        let mut out = Zeroizing::new(String::with_capacity(4096));
+        out.push_str("{\n  \"format\": \"mabe-key-export-v1\",\n");
+        out.push_str(&format!("  \"gid\": \"{}\",\n  \"keys\": [", keys.gid()));
+        for (i, k) in keys.iter().enumerate() {
+            let object = Zeroizing::new(hex::encode(k.key.to_bytes().as_slice()));
+            out.push_str(if i == 0 { "\n" } else { ",\n" });
+            // Attribute texts are canonical ([a-z0-9_.:@-]): no escaping needed.
+            out.push_str(&format!(
+                "    {{\"attribute\": \"{}\", \"version\": {}, \"expires_at\": {}, \"object\": \"",
+                k.key.attribute(),
+                k.key.version(),
+                k.expires_at
+            ));
+            out.push_str(&object);
+            out.push_str("\"}");
+        }
+        out.push_str("\n  ],\n  \"public_keys\": [");
+        let mut first = true;
+        for d in dirs.values() {
+            for (a, v, e) in d.entries() {
+                out.push_str(if first { "\n" } else { ",\n" });
+                first = false;
+                out.push_str(&format!(
+                    "    {{\"attribute\": \"{a}\", \"version\": {v}, \"current\": {}, \"object\": \"{}\"}}",
+                    e.current,
+                    hex::encode(e.public_key.to_bytes())
+                ));
+            }
+        }
+        out.push_str("\n  ]\n}\n");
+        Ok(out)
     }
 
     /// Parse `text` (expanding `EMERGENCY`) and report its canonical form,

@@ -35,6 +35,15 @@ pub enum ClientError {
         /// gRPC code.
         code: tonic::Code,
     },
+    /// A record store (`mabe-proxy`) could not be reached, refused a call, or
+    /// answered something malformed.
+    #[error("record store {proxy}: {detail}")]
+    RecordStore {
+        /// Proxy id.
+        proxy: String,
+        /// What failed.
+        detail: String,
+    },
     /// A directory's signature does not verify with the pinned identity key,
     /// it is for another authority, or one of its entries is malformed or
     /// does not match its public key.
@@ -223,7 +232,7 @@ impl ClientError {
     /// | 3 | cannot decrypt: policy not satisfied, key or record at another version, cryptographic failure |
     /// | 4 | signature problem: unsigned or badly signed record |
     /// | 5 | trust problem: untrusted authority, refused directory or key, expired directory, superseded key |
-    /// | 6 | an authority could not be reached or refused the call |
+    /// | 6 | an authority or a record store could not be reached or refused the call |
     ///
     /// (2 is a usage error, reported by the argument parser.)
     ///
@@ -246,7 +255,9 @@ impl ClientError {
             | ClientError::DirectoryExpired { .. }
             | ClientError::Superseded { .. }
             | ClientError::Trust { .. } => 5,
-            ClientError::Connect { .. } | ClientError::Refused { .. } => 6,
+            ClientError::Connect { .. }
+            | ClientError::Refused { .. }
+            | ClientError::RecordStore { .. } => 6,
             _ => 1,
         }
     }

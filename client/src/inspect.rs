@@ -79,6 +79,9 @@ pub fn inspect<R: Read>(mut input: R) -> Result<Value> {
     }
     let mut chained = (&first[..]).chain(input);
     let prefix = read_prefix(&mut chained)?;
+    // magic (6) ‖ be32(L) ‖ header ‖ signer type ‖ [GID ‖ public key]
+    let payload_offset =
+        11 + prefix.header_bytes.len() + if prefix.writer.is_some() { 64 } else { 0 };
     let summary = scan_payload(&prefix, chained)?;
     let segment = u64::from(prefix.header.segment_size()) + mabe_abe::TAG_LEN as u64;
     let segments = summary.payload_len.div_ceil(segment).max(1);
@@ -99,6 +102,7 @@ pub fn inspect<R: Read>(mut input: R) -> Result<Value> {
             "gid": w.gid.to_string(),
             "public_key": hex::encode(w.key.as_bytes()),
         })),
+        "payload_offset": payload_offset,
         "payload_length": summary.payload_len,
         "payload_segments": segments,
         "signature": summary.signature_bytes.map(hex::encode),
@@ -155,6 +159,7 @@ pub fn to_text(v: &Value) -> String {
             }
             None => line("writer", "unsigned".into()),
         }
+        line("payload offset", s(&v["payload_offset"]));
         line("payload length", s(&v["payload_length"]));
         line("payload segments", s(&v["payload_segments"]));
         line("signature", s(&v["signature"]));

@@ -284,6 +284,28 @@ struct KdfParams {
     p: u32,
 }
 
+impl KdfParams {
+    /// Read the parameters from a protected file, refusing any outside the
+    /// accepted range (an edited file must not make Argon2 allocate
+    /// terabytes or run for hours).
+    fn read(c: &mut Cursor<'_>) -> Result<KdfParams> {
+        let params = KdfParams {
+            salt: c.array()?,
+            m_kib: c.u32()?,
+            t: c.u32()?,
+            p: c.u32()?,
+        };
+        if params.m_kib > KDF_MAX_M_KIB
+            || params.t > KDF_MAX_T
+            || params.p > KDF_MAX_P
+            || params.p == 0
+        {
+            return Err(c.bad("passphrase parameters out of range"));
+        }
+        Ok(params)
+    }
+}
+
 /// The key store in a home directory. Open it with [`KeyStore::open`];
 /// give the passphrase with [`KeyStore::with_passphrase`] when the identity
 /// is protected ([`IdentityInfo::protected`]).
@@ -448,19 +470,7 @@ impl KeyStore {
                 Ok((Zeroizing::new(rest.to_vec()), None))
             }
             ARGON2ID_AES256GCM => {
-                let params = KdfParams {
-                    salt: c.array()?,
-                    m_kib: c.u32()?,
-                    t: c.u32()?,
-                    p: c.u32()?,
-                };
-                if params.m_kib > KDF_MAX_M_KIB
-                    || params.t > KDF_MAX_T
-                    || params.p > KDF_MAX_P
-                    || params.p == 0
-                {
-                    return Err(c.bad("passphrase parameters out of range"));
-                }
+                let params = KdfParams::read(c)?;
                 let ad = c.consumed().to_vec();
                 let nonce: [u8; 12] = c.array()?;
                 let mut buf = Zeroizing::new(c.lp(max_body)?.to_vec());
@@ -605,12 +615,7 @@ impl KeyStore {
         if c.u8()? != ARGON2ID_AES256GCM {
             return Ok(None);
         }
-        Ok(Some(KdfParams {
-            salt: c.array()?,
-            m_kib: c.u32()?,
-            t: c.u32()?,
-            p: c.u32()?,
-        }))
+        Ok(Some(KdfParams::read(&mut c)?))
     }
 
     /// Load the attribute keys (needs the passphrase if protected).

@@ -87,6 +87,7 @@ pub mod json;
 pub mod keystore;
 pub mod net;
 pub mod record;
+pub mod records;
 pub mod trust;
 
 pub use client::{Client, Fetched, OpenedRecord, PolicyReport};
@@ -94,4 +95,4 @@ pub use error::{ClientError, Result};
 pub use files::unix_now;
 pub use keystore::{Identity, IdentityInfo, KeyStore, StoredKeys};
 pub use net::Connection;
-pub use trust::{TrustStore, TrustedAuthority};
+pub use trust::{ProxyEndpoint, TrustStore, TrustedAuthority};

@@ -12,9 +12,10 @@ use ark_std::rand::rngs::OsRng;
 use clap::{Parser, Subcommand};
 use mabe_abe::EncryptOptions;
 use mabe_client::{
-    Client, ClientError, KeyStore, TrustStore, TrustedAuthority, inspect,
+    Client, ClientError, KeyStore, ProxyEndpoint, TrustStore, TrustedAuthority, inspect,
     json::{SectionPolicies, decrypt_json, encrypt_json},
     record::{SignatureStatus, Writer},
+    records,
 };
 use mabe_policy::{Attribute, AuthorityId};
 use zeroize::Zeroizing;
@@ -31,7 +32,7 @@ Exit codes:
   4  signature problem: the record is unsigned or its signature does not verify
   5  trust problem: an authority not in your trust file, a directory or key that
      failed verification, an expired directory, a superseded public key
-  6  an authority could not be reached or refused the call
+  6  an authority or a record store could not be reached or refused the call
 
 Files: the key store is --home, else $MABE_HOME, else ~/.mabe. A protected key
 store reads its passphrase from --passphrase-file, else $MABE_PASSPHRASE, else
@@ -126,6 +127,9 @@ enum Command {
         #[arg(long)]
         allow_unsigned: bool,
     },
+    /// Records at a record store (mabe-proxy): store, fetch, list, delete.
+    #[command(subcommand)]
+    Record(RecordCmd),
     /// Policies.
     #[command(subcommand)]
     Policy(PolicyCmd),
@@ -195,6 +199,21 @@ enum TrustCmd {
         /// Attributes, e.g. emergency@hospital-a emergency@hospital-b (none: clear).
         attributes: Vec<String>,
     },
+    /// Add a record store (mabe-proxy) for `mabe record` (replaces one with the same id).
+    Proxy {
+        /// Proxy id, e.g. cloud-1 (from `mabe-proxy init`).
+        #[arg(long)]
+        id: String,
+        /// https://host:port of its public listener.
+        #[arg(long)]
+        endpoint: String,
+        /// Its TLS root certificate (PEM file).
+        #[arg(long)]
+        tls_root: PathBuf,
+        /// TLS server name to check.
+        #[arg(long, default_value = "localhost")]
+        tls_name: String,
+    },
     /// Name a writer's Ed25519 key, so decrypt can say who wrote a record.
     Writer {
         /// A name, e.g. "hospital-a records system".
@@ -243,6 +262,54 @@ enum KeysCmd {
         /// Bundle file.
         file: PathBuf,
     },
+    /// Export your keys and the verified public keys as JSON (docs/FORMAT.md
+    /// §9.5), e.g. for another implementation. The output holds your SECRET
+    /// keys: a file is created with mode 0600.
+    Export {
+        /// Output file, or - for stdout (no default, on purpose).
+        #[arg(long = "out")]
+        output: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum RecordCmd {
+    /// Store a record (as `mabe encrypt` wrote it) at a record store; prints its id.
+    Put {
+        /// Record store id from your trust file (optional if it lists only one).
+        #[arg(long)]
+        proxy: Option<String>,
+        /// Record file, or - for stdin.
+        #[arg(long = "in", default_value = "-")]
+        input: String,
+    },
+    /// Fetch a record (with its header as the latest revocation left it).
+    Get {
+        /// Record store id from your trust file (optional if it lists only one).
+        #[arg(long)]
+        proxy: Option<String>,
+        /// Record id, 32 hex digits (as `mabe record put` printed it).
+        #[arg(long)]
+        id: String,
+        /// Output record, or - for stdout; then `mabe decrypt --in` it.
+        #[arg(long = "out", default_value = "-")]
+        output: String,
+    },
+    /// List the records at a record store with the version of each row.
+    List {
+        /// Record store id from your trust file (optional if it lists only one).
+        #[arg(long)]
+        proxy: Option<String>,
+    },
+    /// Delete a record from a record store.
+    Delete {
+        /// Record store id from your trust file (optional if it lists only one).
+        #[arg(long)]
+        proxy: Option<String>,
+        /// Record id, 32 hex digits.
+        #[arg(long)]
+        id: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -273,7 +340,9 @@ fn passphrase(cli: &Cli, new: bool) -> Result<Option<Zeroizing<String>>> {
     if let Ok(p) = std::env::var("MABE_PASSPHRASE") {
         return Ok(Some(Zeroizing::new(p)));
     }
-    if !io::stdin().is_terminal() {
+    // The prompt reads the controlling terminal, not stdin, so piped input
+    // (`cat scan | mabe encrypt …`) still gets a prompt when there is one.
+    if !has_terminal() {
         return Ok(None);
     }
     let p = Zeroizing::new(rpassword::prompt_password("key store passphrase: ")?);
@@ -284,6 +353,19 @@ fn passphrase(cli: &Cli, new: bool) -> Result<Option<Zeroizing<String>>> {
         }
     }
     Ok(Some(p))
+}
+
+/// Whether this process has a controlling terminal to prompt on.
+fn has_terminal() -> bool {
+    if io::stdin().is_terminal() {
+        return true;
+    }
+    cfg!(unix)
+        && fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/tty")
+            .is_ok()
 }
 
 /// The key store, with the passphrase attached when it is protected.
@@ -531,6 +613,9 @@ async fn run(cli: Cli) -> Result<()> {
                             hex::encode(a.identity_key.as_bytes())
                         );
                     }
+                    for p in trust.proxies() {
+                        println!("{:<24} {:<40} record store", p.id, p.endpoint);
+                    }
                     let e: Vec<String> =
                         trust.emergency().iter().map(ToString::to_string).collect();
                     println!(
@@ -557,6 +642,21 @@ async fn run(cli: Cli) -> Result<()> {
                     trust.set_emergency(attrs)?;
                     trust.save()?;
                     println!("emergency attributes set ({})", trust.emergency().len());
+                }
+                TrustCmd::Proxy {
+                    id,
+                    endpoint,
+                    tls_root,
+                    tls_name,
+                } => {
+                    trust.add_proxy(ProxyEndpoint {
+                        id: id.clone(),
+                        endpoint: endpoint.clone(),
+                        tls_root: read_all(&tls_root.to_string_lossy(), 256 * 1024)?,
+                        tls_name: tls_name.clone(),
+                    })?;
+                    trust.save()?;
+                    println!("record store {id} added to {}", path.display());
                 }
                 TrustCmd::Writer { name, key } => {
                     let k = hex::decode(key.trim())
@@ -667,6 +767,16 @@ async fn run(cli: Cli) -> Result<()> {
                 );
             }
         }
+        Command::Keys(KeysCmd::Export { output }) => {
+            let c = client(&cli)?;
+            let text = c.export_keys()?;
+            let mut out = Output::create(output)?;
+            out.write_all(text.as_bytes())?;
+            out.commit()?;
+            if output != "-" {
+                eprintln!("exported your keys to {output} (mode 0600): it holds secret keys");
+            }
+        }
         Command::Encrypt {
             policy,
             input,
@@ -726,6 +836,10 @@ async fn run(cli: Cli) -> Result<()> {
             let (r, len) = open_input(input)?;
             let (mut r, pb) = with_progress(r, len);
             let opened = c.open_record(&mut r, online).await?;
+            if opened.prefix.writer.is_none() && !*allow_unsigned {
+                // Known before any payload byte is decrypted: write nothing.
+                return Err(ClientError::Unsigned.into());
+            }
             let mut out = Output::create(output)?;
             let to_stdout = out.is_stdout();
             let summary = opened.decrypt(r, &mut out);
@@ -823,6 +937,7 @@ async fn run(cli: Cli) -> Result<()> {
             out.write_all(b"\n")?;
             out.commit()?;
         }
+        Command::Record(cmd) => record_command(&cli, cmd).await?,
         Command::Policy(PolicyCmd::Check { policy }) => {
             let store = store(&cli)?;
             let trust = TrustStore::load_or_empty(&store.trust_path())?;
@@ -878,6 +993,77 @@ async fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Demo { keep } => demo::run(keep.clone()).await?,
+    }
+    Ok(())
+}
+
+async fn record_command(cli: &Cli, cmd: &RecordCmd) -> Result<()> {
+    let trust = TrustStore::load_or_empty(&KeyStore::open(home(cli)?).trust_path())?;
+    let proxy = match cmd {
+        RecordCmd::Put { proxy, .. }
+        | RecordCmd::Get { proxy, .. }
+        | RecordCmd::List { proxy }
+        | RecordCmd::Delete { proxy, .. } => trust.proxy(proxy.as_deref())?,
+    };
+    let mut conn = records::connect(proxy).await?;
+    match cmd {
+        RecordCmd::Put { input, .. } => {
+            let r: Box<dyn Read + Send> = if input == "-" {
+                Box::new(io::stdin())
+            } else {
+                Box::new(io::BufReader::with_capacity(
+                    1 << 16,
+                    fs::File::open(input).with_context(|| format!("opening {input}"))?,
+                ))
+            };
+            let id = records::put(&mut conn, &proxy.id, r).await?;
+            println!("{}", hex::encode(id));
+            eprintln!("stored at {} as record {}", proxy.id, hex::encode(id));
+        }
+        RecordCmd::Get { id, output, .. } => {
+            let id = records::parse_id(id)?;
+            let out = records::get(&mut conn, &proxy.id, &id, Output::create(output)?).await?;
+            out.commit()?;
+        }
+        RecordCmd::List { .. } => {
+            let mut token = Vec::new();
+            loop {
+                let page = conn
+                    .list(&token, 1000)
+                    .await
+                    .map_err(|e| ClientError::RecordStore {
+                        proxy: proxy.id.clone(),
+                        detail: e.to_string(),
+                    })?;
+                for r in &page.records {
+                    let rows: Vec<String> = r
+                        .rows
+                        .iter()
+                        .map(|v| format!("{}#{}", v.attribute, v.version))
+                        .collect();
+                    println!(
+                        "{} {:>10} B  {}",
+                        hex::encode(&r.record_id),
+                        r.payload_size,
+                        rows.join(", ")
+                    );
+                }
+                if page.next_page_token.is_empty() {
+                    break;
+                }
+                token = page.next_page_token;
+            }
+        }
+        RecordCmd::Delete { id, .. } => {
+            let rid = records::parse_id(id)?;
+            conn.delete(&rid)
+                .await
+                .map_err(|e| ClientError::RecordStore {
+                    proxy: proxy.id.clone(),
+                    detail: e.to_string(),
+                })?;
+            println!("deleted record {} from {}", hex::encode(rid), proxy.id);
+        }
     }
     Ok(())
 }

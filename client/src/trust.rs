@@ -27,11 +27,18 @@
 //! [[writer]]
 //! name = "hospital-a records system"
 //! key = "…64 hex digits…"
+//!
+//! [[proxy]]                # a record store (untrusted for confidentiality)
+//! id = "cloud-1"
+//! endpoint = "https://records.example:7543"
+//! tls_root_pem = "…"
 //! ```
 //!
 //! `tls_root_file` (a path relative to the trust file) may replace
 //! `tls_root_pem`. Every field is validated on load; unknown fields and
-//! duplicate ids are errors.
+//! duplicate ids are errors. A proxy is listed only so that `mabe record`
+//! knows where to store and fetch records: nothing it returns is believed
+//! until the record decrypts and its signature verifies.
 
 use std::{
     collections::BTreeMap,
@@ -52,6 +59,37 @@ pub const MAX_TRUST_FILE: u64 = 1 << 20;
 
 /// The token in policy text that expands to the consortium's emergency attributes.
 pub const EMERGENCY_TOKEN: &str = "EMERGENCY";
+
+/// A record store (`mabe-proxy`) the user stores records at and fetches
+/// them from. The TLS root pins the connection; the proxy itself is not
+/// trusted with anything (records are encrypted and signed end to end).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProxyEndpoint {
+    /// Proxy id (as `mabe-proxy init --proxy-id` set it).
+    pub id: String,
+    /// `https://host:port` of its public listener.
+    pub endpoint: String,
+    /// TLS root certificate (PEM) for its listener.
+    pub tls_root: Vec<u8>,
+    /// TLS server name to check.
+    pub tls_name: String,
+}
+
+/// Whether `id` is a valid proxy id: 1–63 bytes of `[a-z0-9.-]`, starting
+/// with a letter or digit (the rule `mabe-proxy init` applies).
+///
+/// ```
+/// assert!(mabe_client::trust::valid_proxy_id("cloud-1"));
+/// assert!(!mabe_client::trust::valid_proxy_id("Cloud 1"));
+/// ```
+pub fn valid_proxy_id(id: &str) -> bool {
+    let b = id.as_bytes();
+    b.len() <= 63
+        && b.first()
+            .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-' || *c == b'.')
+}
 
 /// An authority the user trusts: the only way an authority becomes trusted.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -78,6 +116,21 @@ struct RawTrust {
     authorities: Vec<RawAuthority>,
     #[serde(default, rename = "writer", skip_serializing_if = "Vec::is_empty")]
     writers: Vec<RawWriter>,
+    #[serde(default, rename = "proxy", skip_serializing_if = "Vec::is_empty")]
+    proxies: Vec<RawProxy>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProxy {
+    id: String,
+    endpoint: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    tls_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    tls_root_pem: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    tls_root_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -129,6 +182,7 @@ pub struct TrustStore {
     authorities: BTreeMap<AuthorityId, TrustedAuthority>,
     emergency: Vec<Attribute>,
     writers: BTreeMap<String, VerifyingKey>,
+    proxies: BTreeMap<String, ProxyEndpoint>,
 }
 
 fn parse_key(hex_key: &str) -> std::result::Result<VerifyingKey, String> {
@@ -160,16 +214,8 @@ impl TrustStore {
             let id = AuthorityId::new(&a.id).map_err(|e| bad(e.to_string()))?;
             let identity_key =
                 parse_key(&a.identity_key).map_err(|e| bad(format!("authority {id}: {e}")))?;
-            let tls_root = match (&a.tls_root_pem, &a.tls_root_file) {
-                (Some(_), Some(_)) => {
-                    return Err(bad(format!(
-                        "authority {id}: give tls_root_pem or tls_root_file, not both"
-                    )));
-                }
-                (Some(pem), None) => pem.as_bytes().to_vec(),
-                (None, Some(f)) => read_limited(&base.join(f), 256 * 1024)?,
-                (None, None) => Vec::new(),
-            };
+            let tls_root = tls_root(base, &a.tls_root_pem, &a.tls_root_file)
+                .map_err(|reason| bad(format!("authority {id}: {reason}")))?;
             if a.endpoint.is_some() && tls_root.is_empty() {
                 return Err(bad(format!(
                     "authority {id} has an endpoint but no TLS root (tls_root_pem or tls_root_file)"
@@ -209,11 +255,31 @@ impl TrustStore {
                 return Err(bad(format!("writer {} is listed twice", w.name)));
             }
         }
+        let mut proxies = BTreeMap::new();
+        for p in raw.proxies {
+            let id = p.id.clone();
+            if !valid_proxy_id(&id) {
+                return Err(bad(format!("proxy id {id:?} is not valid")));
+            }
+            let tls_root = tls_root(base, &p.tls_root_pem, &p.tls_root_file)
+                .map_err(|reason| bad(format!("proxy {id}: {reason}")))?;
+            let proxy = ProxyEndpoint {
+                id: id.clone(),
+                endpoint: p.endpoint,
+                tls_root,
+                tls_name: p.tls_name.unwrap_or_else(|| "localhost".into()),
+            };
+            check_proxy(&proxy).map_err(bad)?;
+            if proxies.insert(id.clone(), proxy).is_some() {
+                return Err(bad(format!("proxy {id} is listed twice")));
+            }
+        }
         Ok(TrustStore {
             path: path.to_owned(),
             authorities,
             emergency,
             writers,
+            proxies,
         })
     }
 
@@ -227,6 +293,7 @@ impl TrustStore {
                 authorities: BTreeMap::new(),
                 emergency: Vec::new(),
                 writers: BTreeMap::new(),
+                proxies: BTreeMap::new(),
             })
         }
     }
@@ -254,6 +321,17 @@ impl TrustStore {
                 .map(|(name, k)| RawWriter {
                     name: name.clone(),
                     key: hex::encode(k.to_bytes()),
+                })
+                .collect(),
+            proxies: self
+                .proxies
+                .values()
+                .map(|p| RawProxy {
+                    id: p.id.clone(),
+                    endpoint: p.endpoint.clone(),
+                    tls_name: Some(p.tls_name.clone()),
+                    tls_root_pem: Some(String::from_utf8_lossy(&p.tls_root).into_owned()),
+                    tls_root_file: None,
                 })
                 .collect(),
         };
@@ -332,6 +410,48 @@ impl TrustStore {
         Ok(())
     }
 
+    /// Add a record store (replacing an entry with the same id).
+    pub fn add_proxy(&mut self, p: ProxyEndpoint) -> Result<()> {
+        if !valid_proxy_id(&p.id) {
+            return Err(ClientError::Invalid(format!(
+                "proxy id {:?} is not valid (1-63 of a-z 0-9 . -)",
+                p.id
+            )));
+        }
+        check_proxy(&p).map_err(ClientError::Invalid)?;
+        self.proxies.insert(p.id.clone(), p);
+        Ok(())
+    }
+
+    /// The record store `id`; with `None`, the only one listed.
+    pub fn proxy(&self, id: Option<&str>) -> Result<&ProxyEndpoint> {
+        match id {
+            Some(id) => self.proxies.get(id).ok_or_else(|| {
+                ClientError::Invalid(format!(
+                    "proxy {id} is not in your trust file: add it with `mabe trust proxy`"
+                ))
+            }),
+            None => {
+                let mut all = self.proxies.values();
+                match (all.next(), all.next()) {
+                    (Some(p), None) => Ok(p),
+                    (None, _) => Err(ClientError::Invalid(
+                        "no record store in your trust file: add one with `mabe trust proxy`"
+                            .into(),
+                    )),
+                    (Some(_), Some(_)) => Err(ClientError::Invalid(
+                        "several record stores in your trust file: name one with --proxy".into(),
+                    )),
+                }
+            }
+        }
+    }
+
+    /// Every record store listed, by id.
+    pub fn proxies(&self) -> impl Iterator<Item = &ProxyEndpoint> {
+        self.proxies.values()
+    }
+
     /// The name under which `key` is known, if any.
     pub fn writer_name(&self, key: &VerifyingKey) -> Option<&str> {
         self.writers
@@ -355,6 +475,31 @@ impl TrustStore {
         }
         Ok(policy)
     }
+}
+
+/// A TLS root from inline PEM or a file relative to `base` (none: empty).
+fn tls_root(
+    base: &Path,
+    pem: &Option<String>,
+    file: &Option<PathBuf>,
+) -> std::result::Result<Vec<u8>, String> {
+    match (pem, file) {
+        (Some(_), Some(_)) => Err("give tls_root_pem or tls_root_file, not both".into()),
+        (Some(pem), None) => Ok(pem.as_bytes().to_vec()),
+        (None, Some(f)) => read_limited(&base.join(f), 256 * 1024)
+            .map_err(|e| format!("TLS root {}: {e}", f.display())),
+        (None, None) => Ok(Vec::new()),
+    }
+}
+
+fn check_proxy(p: &ProxyEndpoint) -> std::result::Result<(), String> {
+    if !p.endpoint.starts_with("https://") {
+        return Err(format!("proxy {}: the endpoint must be https://", p.id));
+    }
+    if p.tls_root.is_empty() {
+        return Err(format!("proxy {} has no TLS root", p.id));
+    }
+    Ok(())
 }
 
 /// Replace whole-word `EMERGENCY` tokens in `text` by `1 of (…)` over `list`.

@@ -203,9 +203,11 @@ fn three_hospitals_end_to_end() {
         "--out",
         unsigned.to_str().unwrap(),
     ]);
-    alice
+    let refused = alice
         .run(&["decrypt", "--in", unsigned.to_str().unwrap(), "--out", "-"])
         .fails_with(4, "not signed");
+    // Refused before any plaintext is written, even to stdout.
+    assert!(refused.stdout.is_empty(), "{}", refused.stdout);
     alice.ok(&[
         "decrypt",
         "--allow-unsigned",

@@ -132,8 +132,21 @@ impl RecordClient {
     pub async fn get<W: Write + Send + 'static>(
         &mut self,
         record_id: &RecordId,
-        mut out: W,
+        out: W,
     ) -> Result<(Vec<u8>, W)> {
+        self.get_with(record_id, move |_| Ok(out)).await
+    }
+
+    /// Download a record, choosing the payload's writer once the current
+    /// header is known: `begin` gets the header (before any payload byte) and
+    /// returns the writer, e.g. after writing the header into it. Runs on a
+    /// blocking thread, like the writes. Returns the header and the writer
+    /// after the whole payload was written and its size and SHA-256 matched.
+    pub async fn get_with<W, F>(&mut self, record_id: &RecordId, begin: F) -> Result<(Vec<u8>, W)>
+    where
+        W: Write + Send + 'static,
+        F: FnOnce(&[u8]) -> Result<W> + Send + 'static,
+    {
         let mut stream = self
             .inner
             .get_record(GetRecordRequest {
@@ -150,7 +163,9 @@ impl RecordClient {
             }
         };
         let (tx, mut rx) = mpsc::channel::<Vec<u8>>(4);
+        let header = head.header.clone();
         let writer = tokio::task::spawn_blocking(move || -> Result<(W, u64, [u8; 32])> {
+            let mut out = begin(&header)?;
             let mut sha = Sha256::new();
             let mut size = 0u64;
             while let Some(data) = rx.blocking_recv() {
