@@ -8,6 +8,7 @@
 //! DATA/tls/cert.pem      dev TLS certificate for localhost and 127.0.0.1 (clients pin it)
 //! DATA/tls/key.pem       its private key (0600)
 //! DATA/authority.db      SQLite database (when no --database-url is given)
+//! DATA/instance-id       this replica's name for sharing rotation work (created on use)
 //! ```
 
 use std::{
@@ -134,6 +135,31 @@ impl DataDir {
     /// The admin signing key written at `init`.
     pub fn admin_key(&self) -> Result<SigningKey> {
         read_admin_key(&self.admin_key_file())
+    }
+
+    /// This replica's instance id (`DATA/instance-id`, created on first
+    /// use): the name under which it leases shares of a rotation's work, so
+    /// that after a restart it takes its own unfinished leases straight back.
+    pub fn instance_id(&self) -> Result<String> {
+        let path = self.root.join("instance-id");
+        for _ in 0..2 {
+            if let Ok(text) = fs::read_to_string(&path) {
+                let id = text.trim();
+                if id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    return Ok(id.to_owned());
+                }
+                bail!("{} is malformed (16 hex digits expected)", path.display());
+            }
+            let mut raw = [0u8; 8];
+            ark_std::rand::RngCore::fill_bytes(&mut ark_std::rand::rngs::OsRng, &mut raw);
+            match write_private(&path, format!("{}\n", hex::encode(raw)).as_bytes()) {
+                Ok(()) => return Ok(hex::encode(raw)),
+                // Another process created it first: read theirs.
+                Err(_) if path.exists() => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        bail!("cannot create {}", path.display())
     }
 
     /// Generate a self-signed development certificate for localhost/127.0.0.1.

@@ -615,7 +615,12 @@ impl v1::authority_admin_server::AuthorityAdmin for AdminService {
             ));
         }
         let encoded: Vec<Vec<u8>> = keys.iter().map(|k| k.key.to_vec()).collect();
-        let bundle = mabe_proto::bundle::encode(self.node.authority_id().as_str(), &encoded);
+        // The bundle carries the signed directory, so that it can be imported
+        // with nothing but the authority's pinned identity key.
+        let (body, signature) = self.node.signed_directory().await.map_err(status)?;
+        let directory = mabe_proto::bundle::encode_signed_directory(&body, &signature);
+        let bundle =
+            mabe_proto::bundle::encode(self.node.authority_id().as_str(), &directory, &encoded);
         Ok(Response::new(IssueOfflineResponse {
             bundle: bundle.to_vec(),
             keys: keys

@@ -9,7 +9,14 @@
 //! Exit codes: 0 success, 1 any error (the message says what and what to do),
 //! 2 usage error (from the argument parser), 3 `audit verify` found problems.
 
-use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    collections::BTreeMap,
+    io::IsTerminal,
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
@@ -70,8 +77,64 @@ struct Cli {
     /// With --remote: the name the admin listener's certificate must carry.
     #[arg(long, global = true, default_value = "localhost")]
     tls_name: String,
+    /// How long a signed directory stays valid, in seconds (what `serve`
+    /// hands out, and what `issue --out` and `directory export` write: give
+    /// an offline personal authority a longer one, e.g. 604800 for a week).
+    #[arg(long, global = true, env = "MABE_DIRECTORY_VALIDITY", default_value_t = 3600,
+          value_parser = clap::value_parser!(i64).range(60..=31_536_000))]
+    directory_validity: i64,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum DirectoryCmd {
+    /// Write the signed directory to a file, for people who cannot reach
+    /// this authority (e.g. writers encrypting for a patient's personal
+    /// authority); they load it with `mabe directory import`. Valid for
+    /// --directory-validity seconds.
+    Export {
+        /// Output file (must not exist).
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+/// `revoke`: who loses which attribute, or `revoke status`.
+#[derive(clap::Args, Debug)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+struct RevokeArgs {
+    #[command(subcommand)]
+    status: Option<RevokeCmd>,
+    /// The person's GID (64 hex digits); or give --registry and --subject.
+    #[arg(long, required_unless_present = "subject", conflicts_with = "subject")]
+    gid: Option<String>,
+    /// Registry of the person's identity (with --subject; the GID is derived).
+    #[arg(long, requires = "subject")]
+    registry: Option<String>,
+    /// The person's identity within the registry (with --registry).
+    #[arg(long, requires = "registry")]
+    subject: Option<String>,
+    /// Attribute name.
+    #[arg(long, required = true)]
+    attr: Option<String>,
+    /// Return once the rotation is recorded; `serve` drives it in the
+    /// background (follow it with `revoke status --follow`).
+    #[arg(long)]
+    no_wait: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum RevokeCmd {
+    /// Progress of rotations at every proxy: rows done/total, rate, ETA.
+    Status {
+        /// Only this rotation (default: every pending one, else the latest).
+        #[arg(long)]
+        id: Option<i64>,
+        /// Keep showing progress until the rotation is done.
+        #[arg(long)]
+        follow: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -155,22 +218,15 @@ enum Command {
     },
     /// Remove a grant and rotate the attribute to a new version, then drive
     /// the rotation at every registered proxy (freeze, update tokens, erase
-    /// the update secret) with progress on stderr.
-    Revoke {
-        /// The person's GID.
-        #[arg(long)]
-        gid: String,
-        /// Attribute name.
-        #[arg(long)]
-        attr: String,
-        /// Return once the rotation is recorded; `serve` drives it in the
-        /// background (follow it with `rotations`).
-        #[arg(long)]
-        no_wait: bool,
-    },
+    /// the update secret) with a progress bar (lines when not on a terminal).
+    /// `revoke status` shows the progress of rotations.
+    Revoke(RevokeArgs),
     /// Record-store proxies that revocations are driven on.
     #[command(subcommand)]
     Proxy(ProxyCmd),
+    /// The signed directory of this authority's public keys.
+    #[command(subcommand)]
+    Directory(DirectoryCmd),
     /// List attribute requests.
     Requests {
         /// Only requests in this state: pending, approved or denied.
@@ -292,56 +348,71 @@ async fn open_node(cli: &Cli, dir: &DataDir) -> Result<Arc<Node>> {
     open_node_with(cli, dir, NodeConfig::default()).await
 }
 
-async fn open_node_with(cli: &Cli, dir: &DataDir, config: NodeConfig) -> Result<Arc<Node>> {
+async fn open_node_with(cli: &Cli, dir: &DataDir, mut config: NodeConfig) -> Result<Arc<Node>> {
     // Check the directory first: never create a database in a directory
     // that `init` did not set up.
     dir.authority_id()?;
+    config.instance_id = dir.instance_id()?;
+    config.directory_validity_secs = cli.directory_validity;
     let store = open_store(cli, dir).await?;
     let kek = dir.load_kek(cli.kek_file.as_deref())?;
     Ok(Arc::new(Node::open(store, kek, config).await?))
 }
 
-/// The background duties of `serve`: revoke expired grants and sign audit
-/// checkpoints on their schedules. Errors are logged and retried on the next
-/// tick; several replicas may run this at once (see `Node::rotate_expired`).
-async fn scheduler(node: Arc<Node>, rotate_every: u64, checkpoint_every: u64, drive_every: u64) {
-    let tick = |secs: u64| {
-        let mut i = tokio::time::interval(Duration::from_secs(secs.max(1)));
-        i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        i
-    };
-    let mut rotate = tick(rotate_every);
-    let mut checkpoint = tick(checkpoint_every);
-    let mut drive = tick(drive_every);
-    loop {
-        tokio::select! {
-            _ = drive.tick(), if drive_every > 0 => {
-                for (id, r) in mabe_authority::revocation::drive_pending(&node).await {
-                    match r {
-                        Ok(job) => tracing::info!(rotation = id, attribute = %job.attribute, "rotation finished at every proxy"),
-                        Err(e) => tracing::warn!(rotation = id, error = %e, "rotation not finished; retrying on the next tick"),
-                    }
-                }
-            }
-            _ = rotate.tick(), if rotate_every > 0 => {
-                match node.rotate_expired().await {
-                    Ok(done) => {
-                        for r in done {
-                            tracing::info!(attribute = %r.attribute, version = r.new_version, "expired grants revoked");
-                        }
-                    }
-                    Err(e) => tracing::warn!(error = %e, "rotate-expired failed; retrying on the next tick"),
-                }
-            }
-            _ = checkpoint.tick(), if checkpoint_every > 0 => {
-                if let Err(e) = node.checkpoint().await {
-                    tracing::warn!(error = %e, "audit checkpoint failed; retrying on the next tick");
-                }
-            }
-            else => std::future::pending::<()>().await,
+/// The background duties of `serve`: drive pending rotations, revoke
+/// expired grants and sign audit checkpoints, each on its own schedule and
+/// in its own task (a long revocation never delays a checkpoint or the
+/// revocation of expired emergency grants). Errors are logged and retried on
+/// the next tick; several replicas may run these at once (see
+/// `Node::rotate_expired` and the revocation driver's leases).
+fn spawn_duties(
+    node: &Arc<Node>,
+    rotate_every: u64,
+    checkpoint_every: u64,
+    drive_every: u64,
+) -> tokio::task::JoinSet<()> {
+    let mut duties = tokio::task::JoinSet::new();
+    let mut every = |secs: u64, duty: Box<dyn Fn(Arc<Node>) -> BoxFuture + Send>| {
+        if secs == 0 {
+            return;
         }
-    }
+        let node = Arc::clone(node);
+        duties.spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(secs));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                duty(Arc::clone(&node)).await;
+            }
+        });
+    };
+    every(drive_every, Box::new(|node| Box::pin(async move {
+        for (id, r) in mabe_authority::revocation::drive_pending(&node).await {
+            match r {
+                Ok(job) => tracing::info!(rotation = id, attribute = %job.attribute, "rotation finished at every proxy"),
+                Err(e) => tracing::warn!(rotation = id, error = %e, "rotation not finished; retrying on the next tick"),
+            }
+        }
+    })));
+    every(rotate_every, Box::new(|node| Box::pin(async move {
+        match node.rotate_expired().await {
+            Ok(done) => {
+                for r in done {
+                    tracing::info!(attribute = %r.attribute, version = r.new_version, "expired grants revoked");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "rotate-expired failed; retrying on the next tick"),
+        }
+    })));
+    every(checkpoint_every, Box::new(|node| Box::pin(async move {
+        if let Err(e) = node.checkpoint().await {
+            tracing::warn!(error = %e, "audit checkpoint failed; retrying on the next tick");
+        }
+    })));
+    duties
 }
+
+type BoxFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
 /// Where admin commands go: the admin service in this process over the local
 /// data directory, or a running node's admin listener.
@@ -469,23 +540,83 @@ fn progress_line(p: &ProxyProgress) -> String {
     )
 }
 
+/// Rotation progress for a person watching: one bar per proxy on a
+/// terminal, else a line per proxy whenever its count moves (at most one a
+/// second) and when it is done.
+struct ProgressView {
+    bars: Option<(indicatif::MultiProgress, Mutex<BTreeMap<String, indicatif::ProgressBar>>)>,
+    printed: Mutex<BTreeMap<String, (std::time::Instant, i64, bool)>>,
+}
+
+impl ProgressView {
+    fn new() -> Self {
+        let bars = std::io::stderr()
+            .is_terminal()
+            .then(|| (indicatif::MultiProgress::new(), Mutex::new(BTreeMap::new())));
+        ProgressView {
+            bars,
+            printed: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    fn show(&self, p: &ProxyProgress) {
+        let done = p.done_at != 0;
+        if let Some((multi, bars)) = &self.bars {
+            let Ok(mut bars) = bars.lock() else { return };
+            let bar = bars.entry(p.proxy_id.clone()).or_insert_with(|| {
+                let bar = multi.add(indicatif::ProgressBar::new(0));
+                if let Ok(style) = indicatif::ProgressStyle::with_template(
+                    "{prefix} [{wide_bar}] {pos}/{len} rows {msg}",
+                ) {
+                    bar.set_style(style);
+                }
+                bar.set_prefix(format!("proxy {}", p.proxy_id));
+                bar
+            });
+            bar.set_length(u64::try_from(p.rows_total).unwrap_or(0));
+            bar.set_position(u64::try_from(p.rows_done).unwrap_or(0));
+            let line = progress_line(p);
+            bar.set_message(line.rsplit_once('(').map_or(String::new(), |(_, r)| {
+                format!("({r}")
+            }));
+            if done {
+                bar.finish();
+            }
+            return;
+        }
+        let Ok(mut printed) = self.printed.lock() else { return };
+        let now = std::time::Instant::now();
+        let show = match printed.get(&p.proxy_id) {
+            None => true,
+            Some((at, rows, was_done)) => {
+                (done && !was_done)
+                    || (*rows != p.rows_done && now.duration_since(*at) >= Duration::from_secs(1))
+            }
+        };
+        if show {
+            eprintln!("{}", progress_line(p));
+            printed.insert(p.proxy_id.clone(), (now, p.rows_done, done));
+        }
+    }
+}
+
+fn proxy_progress(p: &mabe_authority::store::RotationProgress) -> ProxyProgress {
+    ProxyProgress {
+        proxy_id: p.proxy_id.clone(),
+        rows_total: p.rows_total,
+        rows_done: p.rows_done,
+        frozen_at: p.frozen_at,
+        updated_at: p.updated_at,
+        done_at: p.done_at.unwrap_or(0),
+    }
+}
+
 /// Take a rotation to the end: here (local target), with progress on
 /// stderr; or, against a running node, by waiting for its driver.
 async fn follow_rotation(a: &mut Admin, rotation_id: i64) -> Result<()> {
+    let view = ProgressView::new();
     if let Some(node) = a.node.clone() {
-        let report = |p: &mabe_authority::store::RotationProgress| {
-            eprintln!(
-                "{}",
-                progress_line(&ProxyProgress {
-                    proxy_id: p.proxy_id.clone(),
-                    rows_total: p.rows_total,
-                    rows_done: p.rows_done,
-                    frozen_at: p.frozen_at,
-                    updated_at: p.updated_at,
-                    done_at: p.done_at.unwrap_or(0),
-                })
-            );
-        };
+        let report = |p: &mabe_authority::store::RotationProgress| view.show(&proxy_progress(p));
         let job = mabe_authority::revocation::drive_rotation(&node, rotation_id, &report)
             .await
             .with_context(|| {
@@ -500,6 +631,17 @@ async fn follow_rotation(a: &mut Admin, rotation_id: i64) -> Result<()> {
         );
         return Ok(());
     }
+    watch_rotations(a, &[rotation_id], true, &view).await
+}
+
+/// Show the progress of `ids` (as the node reports it), once or until all
+/// are done.
+async fn watch_rotations(
+    a: &mut Admin,
+    ids: &[i64],
+    follow: bool,
+    view: &ProgressView,
+) -> Result<()> {
     loop {
         let list = admin_call!(
             a,
@@ -509,20 +651,33 @@ async fn follow_rotation(a: &mut Admin, rotation_id: i64) -> Result<()> {
                 pending_only: false
             }
         )?;
-        let Some(r) = list.rotations.into_iter().find(|r| r.id == rotation_id) else {
-            bail!("rotation #{rotation_id} is not known to the node");
-        };
-        for p in &r.progress {
-            eprintln!("{}", progress_line(p));
+        let mut all_done = true;
+        for id in ids {
+            let Some(r) = list.rotations.iter().find(|r| r.id == *id) else {
+                bail!("rotation #{id} is not known to the node");
+            };
+            if r.progress.is_empty() && r.state != "done" {
+                eprintln!(
+                    "rotation #{}: {} v{} -> v{}: no proxy has frozen it yet",
+                    r.id, r.attribute, r.from_version, r.to_version
+                );
+            }
+            for p in &r.progress {
+                view.show(p);
+            }
+            if r.state == "done" {
+                println!(
+                    "rotation #{} done: every stored row is at version {}; update secret erased",
+                    r.id, r.to_version
+                );
+            } else {
+                all_done = false;
+            }
         }
-        if r.state == "done" {
-            println!(
-                "rotation #{} done: every stored row is at version {}; update secret erased",
-                r.id, r.to_version
-            );
+        if all_done || !follow {
             return Ok(());
         }
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
 
@@ -606,12 +761,12 @@ async fn run(cli: Cli) -> Result<i32> {
             let (p, a) = listeners.addrs()?;
             tracing::info!(authority = %node.authority_id(), public = %p, admin = %a, store = node.store().backend(), "serving");
             println!("serving {} on {p} (admin {a})", node.authority_id());
-            let duties = tokio::spawn(scheduler(
-                Arc::clone(&node),
+            let mut duties = spawn_duties(
+                &node,
                 *rotate_expired_every,
                 *checkpoint_every,
                 *drive_rotations_every,
-            ));
+            );
             let served = serve(
                 node,
                 listeners,
@@ -622,7 +777,7 @@ async fn run(cli: Cli) -> Result<i32> {
                 shutdown_signal(),
             )
             .await;
-            duties.abort();
+            duties.abort_all();
             served?;
             tracing::info!("stopped");
         }
@@ -694,10 +849,69 @@ async fn run(cli: Cli) -> Result<i32> {
             let g = admin_call!(&mut a, grant, "Grant", req)?;
             println!("granted {} to {}", g.attribute, hex::encode(g.gid));
         }
-        Command::Revoke { gid, attr, no_wait } => {
+        Command::Revoke(RevokeArgs {
+            status: Some(RevokeCmd::Status { id, follow }),
+            ..
+        }) => {
+            let mut a = admin(&cli, &dir).await?;
+            let list = admin_call!(
+                &mut a,
+                list_rotations,
+                "ListRotations",
+                ListRotationsRequest {
+                    pending_only: false
+                }
+            )?;
+            let ids: Vec<i64> = match id {
+                Some(id) => vec![*id],
+                None => {
+                    let pending: Vec<i64> = list
+                        .rotations
+                        .iter()
+                        .filter(|r| r.state != "done")
+                        .map(|r| r.id)
+                        .collect();
+                    if pending.is_empty() {
+                        list.rotations.iter().map(|r| r.id).max().into_iter().collect()
+                    } else {
+                        pending
+                    }
+                }
+            };
+            if ids.is_empty() {
+                println!("no rotation yet");
+            } else {
+                for r in list.rotations.iter().filter(|r| ids.contains(&r.id)) {
+                    println!(
+                        "rotation #{}: {} v{} -> v{}, {} ({})",
+                        r.id, r.attribute, r.from_version, r.to_version, r.state, r.reason
+                    );
+                }
+                watch_rotations(&mut a, &ids, *follow, &ProgressView::new()).await?;
+            }
+        }
+        Command::Revoke(RevokeArgs {
+            gid,
+            registry,
+            subject,
+            attr,
+            no_wait,
+            ..
+        }) => {
+            let gid = match (gid, registry, subject) {
+                (Some(g), _, _) => gid_bytes(g)?,
+                (None, Some(r), Some(s)) => mabe_abe::Gid::derive(r, s)
+                    .context("deriving the GID from --registry and --subject")?
+                    .as_bytes()
+                    .to_vec(),
+                _ => bail!("name the person with --gid, or with --registry and --subject"),
+            };
+            let attr = attr
+                .clone()
+                .context("name the attribute with --attr")?;
             let req = RevokeRequest {
-                gid: gid_bytes(gid)?,
-                attribute: attr.clone(),
+                gid,
+                attribute: attr,
             };
             let mut a = admin(&cli, &dir).await?;
             let r = admin_call!(&mut a, revoke, "Revoke", req)?;
@@ -707,7 +921,8 @@ async fn run(cli: Cli) -> Result<i32> {
             );
             if *no_wait {
                 println!(
-                    "rotation #{} recorded; `serve` drives it at the proxies (follow with `rotations`)",
+                    "rotation #{} recorded; `serve` drives it at the proxies (follow with \
+                     `revoke status --follow`)",
                     r.rotation_id
                 );
             } else {
@@ -731,6 +946,30 @@ async fn run(cli: Cli) -> Result<i32> {
             let mut a = admin(&cli, &dir).await?;
             let p = admin_call!(&mut a, add_proxy, "AddProxy", req)?;
             println!("registered proxy {} at {}", p.id, p.endpoint);
+        }
+        Command::Directory(DirectoryCmd::Export { out }) => {
+            if cli.remote.is_some() {
+                bail!(
+                    "directory export signs with the local data directory's identity key; \
+                     clients of a running node fetch its directory themselves"
+                );
+            }
+            if out.exists() {
+                bail!("{} already exists", out.display());
+            }
+            let node = open_node(&cli, &dir).await?;
+            let (body, signature) = node.signed_directory().await?;
+            std::fs::write(
+                out,
+                mabe_proto::bundle::encode_signed_directory(&body, &signature),
+            )
+            .with_context(|| format!("writing {}", out.display()))?;
+            println!(
+                "directory of {} written to {} (valid for {} s)",
+                node.authority_id(),
+                out.display(),
+                cli.directory_validity
+            );
         }
         Command::Proxy(ProxyCmd::List) => {
             let mut a = admin(&cli, &dir).await?;

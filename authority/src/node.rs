@@ -115,16 +115,27 @@ pub struct NodeConfig {
     pub emergency_role: String,
     /// How long a break-glass grant lasts.
     pub break_glass_secs: i64,
+    /// This replica's name when it leases a share of a rotation's work
+    /// (see `revocation`): stable across restarts of one replica (the CLI
+    /// keeps it in the data directory), different between replicas.
+    pub instance_id: String,
+    /// How long a lease on a share of a rotation's work lasts before another
+    /// replica may take it over (it is renewed as the work goes on).
+    pub chunk_lease_secs: i64,
 }
 
 impl Default for NodeConfig {
     fn default() -> Self {
+        let mut id = [0u8; 8];
+        OsRng.fill_bytes(&mut id);
         NodeConfig {
             max_clock_skew_secs: 300,
             directory_validity_secs: 3600,
             emergency_attribute: "emergency".into(),
             emergency_role: "emergency-staff".into(),
             break_glass_secs: 12 * 3600,
+            instance_id: hex::encode(id),
+            chunk_lease_secs: 30,
         }
     }
 }
@@ -1080,17 +1091,46 @@ impl Node {
             out
         };
         let hashed = HashedGid::new(gid)?;
+        // While a rotation of an attribute is still being applied at the
+        // proxies, stored rows are at its old version until their tokens
+        // arrive: a holder of an active grant gets the old version's key
+        // too, so no record becomes unreadable to them mid-rollout. (The
+        // revoked person has no active grant and gets neither.)
+        let rolling: Vec<RotationRecord> = if wanted.is_empty() {
+            Vec::new()
+        } else {
+            self.store.rotations(true).await?
+        };
         let mut issued = Vec::with_capacity(wanted.len());
         for g in wanted {
-            let rec = self.current(&g.attribute).await?;
-            let sk = self.secret(&rec)?;
-            let key = sk.keygen(&hashed, &mut OsRng);
-            issued.push(IssuedKey {
-                attribute: rec.attribute.clone(),
-                version: rec.version,
-                key: key.to_bytes(),
-                expires_at: g.expires_at,
-            });
+            let versions = self.store.attribute_versions(&g.attribute).await?;
+            let rec = versions
+                .iter()
+                .find(|r| r.state == VersionState::Current)
+                .ok_or_else(|| NodeError::NotFound(format!("attribute {}", g.attribute)))?;
+            // Oldest first, current last: a consumer that keeps one key per
+            // attribute ends up with the current one.
+            let mut recs: Vec<&AttributeRecord> = versions
+                .iter()
+                .filter(|r| {
+                    r.version != rec.version
+                        && rolling
+                            .iter()
+                            .any(|j| j.attribute == g.attribute && j.from_version == r.version)
+                })
+                .collect();
+            recs.sort_by_key(|r| r.version);
+            recs.push(rec);
+            for rec in recs {
+                let sk = self.secret(rec)?;
+                let key = sk.keygen(&hashed, &mut OsRng);
+                issued.push(IssuedKey {
+                    attribute: rec.attribute.clone(),
+                    version: rec.version,
+                    key: key.to_bytes(),
+                    expires_at: g.expires_at,
+                });
+            }
         }
         let mut ev = event("issue", &gid.to_string());
         ev.subject = Some(gid.to_string());

@@ -11,17 +11,23 @@
 //!    `FreezeStatus`), compute `T1 = e(C2, g2^Δα)`, `T3 = C2^Δy` on every
 //!    core, only for rows inside the snapshot, and send them whole records at
 //!    a time (the proxy updates all rows of a record in one transaction, and
-//!    acknowledges repeats without applying them twice).
+//!    acknowledges repeats without applying them twice). The work is cut
+//!    into [`CHUNKS`] chunks of the record-id space; a replica leases one
+//!    chunk at a time in the database ([`Store::claim_chunk`]), so replicas
+//!    driving the same job share it instead of repeating it, and a chunk
+//!    whose replica died is taken over when its lease runs out.
 //! 3. When the proxy reports no pending row, record it as done with a
 //!    `token-batch` audit entry.
 //!
 //! When every proxy is done, the update secret is erased
-//! ([`Node::finish_rotation`]); remaining holders get the new version's key
-//! on their next fetch. Every step is idempotent, so a crash of the
-//! authority, the proxy or the database at any point is handled by running
-//! the driver again: `serve` does so on a schedule, and several replicas may
-//! run it at once (the proxy's per-row idempotence keeps updates exactly
-//! once; they may duplicate token computation).
+//! ([`Node::finish_rotation`]). While the job runs, holders who fetch keys
+//! get both the old and the new version (rows not updated yet still need
+//! the old one). Every step is idempotent, so a crash of the authority, the
+//! proxy or the database at any point is handled by running the driver
+//! again: `serve` does so on a schedule, and the proxy's per-row idempotence
+//! keeps every update exactly once even if two replicas send the same token.
+//!
+//! [`Store::claim_chunk`]: crate::store::Store::claim_chunk
 
 use std::{sync::Arc, time::Duration};
 
@@ -38,7 +44,7 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 use crate::{
     node::{Node, NodeError, NodeResult, now},
-    store::{AuditEvent, ProxyRecord, RotationProgress, RotationRecord, RotationState},
+    store::{AuditEvent, ChunkLease, ProxyRecord, RotationProgress, RotationRecord, RotationState},
 };
 
 /// Tokens per `ApplyTokens` call (each token is about 700 bytes).
@@ -363,6 +369,181 @@ async fn send(
     Ok(())
 }
 
+/// Chunks a proxy's record-id space is cut into, by the top four bits of the
+/// record id, so that replicas can share a rotation's work (record ids are
+/// random, so chunks are about equal).
+pub const CHUNKS: u32 = 16;
+
+/// The `FreezeStatus` page token that starts chunk `k` (rows after it are the
+/// chunk's first), and the record id where the next chunk starts (`None`
+/// for the last). A page token is the last row's `record id ‖ be32(row)`.
+fn chunk_range(k: u32) -> (Vec<u8>, Option<[u8; 16]>) {
+    let first = u8::try_from(k.min(CHUNKS - 1) * (256 / CHUNKS)).unwrap_or(u8::MAX);
+    let start = match first.checked_sub(1) {
+        None => Vec::new(),
+        Some(before) => {
+            let mut t = vec![0xff; 20];
+            t[0] = before;
+            t
+        }
+    };
+    let end = (k + 1 < CHUNKS).then(|| {
+        let mut e = [0u8; 16];
+        e[0] = u8::try_from((k + 1) * (256 / CHUNKS)).unwrap_or(u8::MAX);
+        e
+    });
+    (start, end)
+}
+
+/// Rows still pending at the proxy whose record id is in chunk `k`.
+async fn pending_rows_in(
+    node: &Node,
+    client: &mut ProxyAuthorityClient<Channel>,
+    job: &RotationRecord,
+    proxy: &str,
+    k: u32,
+) -> NodeResult<Vec<SnapshotRow>> {
+    let (mut token, end) = chunk_range(k);
+    let mut rows = Vec::new();
+    loop {
+        let page = status_page(node, client, job, proxy, token, STATUS_PAGE).await?;
+        for r in &page.pending {
+            if end.is_some_and(|e| r.record_id.as_slice() >= e.as_slice()) {
+                return Ok(rows);
+            }
+            rows.push(decode_row(proxy, r)?);
+        }
+        if page.next_page_token.is_empty() {
+            return Ok(rows);
+        }
+        token = page.next_page_token;
+    }
+}
+
+/// One proxy's part of a rotation, as this replica drives it.
+struct ProxyRun<'a> {
+    node: &'a Node,
+    client: ProxyAuthorityClient<Channel>,
+    job: &'a RotationRecord,
+    proxy: &'a ProxyRecord,
+    tokens_gen: Arc<TokenGenerator>,
+    progress: RotationProgress,
+    report: &'a (dyn Fn(&RotationProgress) + Send + Sync),
+}
+
+impl ProxyRun<'_> {
+    /// Ask the proxy how many rows are still pending, record and report the
+    /// progress (monotonic across replicas); with `finished`, also mark this
+    /// proxy done with its `token-batch` audit entry. Returns the count.
+    async fn update_progress(&mut self, finish_if_done: bool) -> NodeResult<u64> {
+        let status = status_page(
+            self.node,
+            &mut self.client,
+            self.job,
+            &self.proxy.id,
+            Vec::new(),
+            0,
+        )
+        .await?;
+        let pending = status.pending_rows;
+        let total = self.progress.rows_total;
+        let done_rows = total.saturating_sub(i64::try_from(pending).unwrap_or(i64::MAX));
+        let finished = finish_if_done && pending == 0;
+        let ev = finished.then(|| AuditEvent {
+            ts: now(),
+            kind: "token-batch".into(),
+            actor: "revocation".into(),
+            subject: None,
+            attribute: Some(self.job.attribute.clone()),
+            detail: format!(
+                "rotation {}: proxy {} has all {total} row(s) at version {}",
+                self.job.id, self.proxy.id, self.job.to_version
+            ),
+        });
+        let t = now();
+        self.node
+            .store()
+            .record_progress(self.job.id, &self.proxy.id, done_rows, t, ev)
+            .await?;
+        self.progress.rows_done = done_rows.max(self.progress.rows_done);
+        self.progress.updated_at = t;
+        if finished {
+            self.progress.done_at = Some(t);
+        }
+        (self.report)(&self.progress);
+        Ok(pending)
+    }
+
+    /// Compute and send the tokens of `rows` (in record order), computing
+    /// round i+1 while round i is on the wire. With a lease, it is renewed
+    /// after every round, and the work stops if the lease was lost (another
+    /// replica took the chunk over after this one stalled).
+    async fn send_rows(
+        &mut self,
+        rows: &[SnapshotRow],
+        lease: Option<(&ChunkLease, u32)>,
+    ) -> NodeResult<()> {
+        let mut rounds = rounds(rows, ROWS_PER_ROUND).into_iter();
+        let Some(first) = rounds.next() else {
+            return Ok(());
+        };
+        let mut current = (first.clone(), compute(&self.tokens_gen, first).await?);
+        loop {
+            let next = rounds.next();
+            let (rows_now, tokens_now) = current;
+            let computed = match next.clone() {
+                Some(n) => {
+                    let (sent, computed) = tokio::join!(
+                        send(
+                            self.node,
+                            &mut self.client,
+                            &self.proxy.id,
+                            &rows_now,
+                            tokens_now
+                        ),
+                        compute(&self.tokens_gen, n)
+                    );
+                    sent?;
+                    Some(computed?)
+                }
+                None => {
+                    send(
+                        self.node,
+                        &mut self.client,
+                        &self.proxy.id,
+                        &rows_now,
+                        tokens_now,
+                    )
+                    .await?;
+                    None
+                }
+            };
+            if let Some((lease, chunk)) = lease {
+                let until = now().saturating_add(self.node.config().chunk_lease_secs);
+                if !self
+                    .node
+                    .store()
+                    .update_chunk(lease, chunk, until, None)
+                    .await?
+                {
+                    tracing::info!(
+                        rotation = self.job.id,
+                        proxy = %self.proxy.id,
+                        chunk,
+                        "lease lost to another replica; leaving the chunk to it"
+                    );
+                    return Ok(());
+                }
+            }
+            self.update_progress(false).await?;
+            match (next, computed) {
+                (Some(n), Some(t)) => current = (n, t),
+                _ => return Ok(()),
+            }
+        }
+    }
+}
+
 async fn drive_proxy(
     node: &Arc<Node>,
     job: &RotationRecord,
@@ -372,45 +553,61 @@ async fn drive_proxy(
 ) -> NodeResult<()> {
     let from = Version::new(job.from_version);
     let mut client = connect(proxy).await?;
-    let (snapshot, mut progress) = freeze(node, &mut client, job, proxy, from).await?;
+    let (snapshot, progress) = freeze(node, &mut client, job, proxy, from).await?;
     report(&progress);
     if progress.done_at.is_some() {
         return Ok(());
     }
-    let tokens_gen = Arc::new(secret.token_generator(snapshot, &mut OsRng)?);
-    let total = progress.rows_total;
+    let mut run = ProxyRun {
+        node,
+        client,
+        job,
+        proxy,
+        tokens_gen: Arc::new(secret.token_generator(snapshot, &mut OsRng)?),
+        progress,
+        report,
+    };
+    // 1. Share the work with any other replica driving this job: lease one
+    //    chunk of the record-id space at a time, send its tokens, mark it
+    //    done. When every chunk is done or leased elsewhere, wait for the
+    //    others (a lease that runs out is taken over).
+    let lease = ChunkLease {
+        rotation_id: job.id,
+        proxy_id: proxy.id.clone(),
+        owner: node.config().instance_id.clone(),
+    };
+    loop {
+        let t = now();
+        let until = t.saturating_add(node.config().chunk_lease_secs);
+        match node.store().claim_chunk(&lease, CHUNKS, t, until).await? {
+            Some(chunk) => {
+                let rows = pending_rows_in(node, &mut run.client, job, &proxy.id, chunk).await?;
+                run.send_rows(&rows, Some((&lease, chunk))).await?;
+                node.store()
+                    .update_chunk(&lease, chunk, now(), Some(now()))
+                    .await?;
+            }
+            None => {
+                let (done, all) = node.store().chunk_counts(job.id, &proxy.id).await?;
+                if done >= all {
+                    break;
+                }
+                if run.update_progress(false).await? == 0 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+    // 2. Sweep: whatever is still pending (normally nothing), then record
+    //    the proxy as done.
     let mut last_pending = u64::MAX;
     loop {
-        let (pending, rows) = pending_rows(node, &mut client, job, &proxy.id).await?;
-        let done_rows = total.saturating_sub(i64::try_from(pending).unwrap_or(i64::MAX));
-        let finished = pending == 0;
-        let ev = finished.then(|| {
-            let mut ev = AuditEvent {
-                ts: now(),
-                kind: "token-batch".into(),
-                actor: "revocation".into(),
-                subject: None,
-                attribute: Some(job.attribute.clone()),
-                detail: String::new(),
-            };
-            ev.detail = format!(
-                "rotation {}: proxy {} has all {total} row(s) at version {}",
-                job.id, proxy.id, job.to_version
-            );
-            ev
-        });
-        let t = now();
-        node.store()
-            .record_progress(job.id, &proxy.id, done_rows, t, ev)
-            .await?;
-        progress.rows_done = done_rows.max(progress.rows_done);
-        progress.updated_at = t;
-        if finished {
-            progress.done_at = Some(t);
-            report(&progress);
+        let (pending, rows) = pending_rows(node, &mut run.client, job, &proxy.id).await?;
+        if pending == 0 {
+            run.update_progress(true).await?;
             return Ok(());
         }
-        report(&progress);
         if pending >= last_pending {
             return Err(proxy_err(
                 &proxy.id,
@@ -418,34 +615,7 @@ async fn drive_proxy(
             ));
         }
         last_pending = pending;
-        // Compute round i+1 while round i is on the wire.
-        let mut rounds = rounds(&rows, ROWS_PER_ROUND).into_iter();
-        let Some(first) = rounds.next() else {
-            continue;
-        };
-        let mut current = (first.clone(), compute(&tokens_gen, first).await?);
-        for next in rounds {
-            let (rows_now, tokens_now) = current;
-            let (sent, computed) = tokio::join!(
-                send(node, &mut client, &proxy.id, &rows_now, tokens_now),
-                compute(&tokens_gen, next.clone())
-            );
-            sent?;
-            current = (next, computed?);
-            progress.rows_done = (progress.rows_done + rows_now.len() as i64).min(total);
-            progress.updated_at = now();
-            node.store()
-                .record_progress(
-                    job.id,
-                    &proxy.id,
-                    progress.rows_done,
-                    progress.updated_at,
-                    None,
-                )
-                .await?;
-            report(&progress);
-        }
-        send(node, &mut client, &proxy.id, &current.0, current.1).await?;
+        run.send_rows(&rows, None).await?;
     }
 }
 
@@ -460,6 +630,34 @@ mod tests {
             row,
             c2: mabe_abe::hash_to_g1(b"MABE-TEST", &[record]).unwrap(),
         }
+    }
+
+    #[test]
+    fn chunks_cover_the_record_id_space_once() {
+        // Every first byte falls in exactly one chunk: after the chunk's
+        // start token and before its end.
+        for b in 0..=255u8 {
+            let mut rid = [0u8; 16];
+            rid[0] = b;
+            let mut row_token = rid.to_vec();
+            row_token.extend_from_slice(&0u32.to_be_bytes());
+            let owners: Vec<u32> = (0..CHUNKS)
+                .filter(|&k| {
+                    let (start, end) = chunk_range(k);
+                    let after_start = start.is_empty() || row_token.as_slice() > start.as_slice();
+                    let before_end = end.is_none_or(|e| rid < e);
+                    after_start && before_end
+                })
+                .collect();
+            assert_eq!(owners, vec![u32::from(b) / (256 / CHUNKS)], "first byte {b}");
+        }
+        // The extremes: the smallest record id of chunk 1 is its first row.
+        let (start, _) = chunk_range(1);
+        let mut first = vec![0x10];
+        first.extend_from_slice(&[0; 19]);
+        assert!(first.as_slice() > start.as_slice());
+        assert_eq!(chunk_range(0).0, Vec::<u8>::new());
+        assert!(chunk_range(CHUNKS - 1).1.is_none());
     }
 
     #[test]

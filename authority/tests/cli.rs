@@ -347,7 +347,9 @@ async fn offline_issuance_writes_a_private_bundle_of_verifiable_keys() {
             0
         );
     }
-    let (authority, keys) = mabe_proto::bundle::decode(&std::fs::read(&out).unwrap()).unwrap();
+    let bundle = mabe_proto::bundle::decode(&std::fs::read(&out).unwrap()).unwrap();
+    assert!(bundle.directory.is_some(), "the bundle carries the signed directory");
+    let (authority, keys) = (bundle.authority, bundle.keys);
     assert_eq!((authority.as_str(), keys.len()), ("hospital-a", 1));
     let store = SqliteStore::open(&dir.join("authority.db")).unwrap();
     let pk =
@@ -467,7 +469,8 @@ fn admin_commands_drive_a_running_node_with_remote() {
         rok(&["issue", "--gid", &gid, "--out", bundle.to_str().unwrap()])
             .contains("issued cardiology@hospital-a version 1")
     );
-    let (authority, keys) = mabe_proto::bundle::decode(&std::fs::read(&bundle).unwrap()).unwrap();
+    let decoded = mabe_proto::bundle::decode(&std::fs::read(&bundle).unwrap()).unwrap();
+    let (authority, keys) = (decoded.authority, decoded.keys);
     assert_eq!((authority.as_str(), keys.len()), ("hospital-a", 1));
     let revoked = rok(&["revoke", "--gid", &gid, "--attr", "cardiology", "--no-wait"]);
     assert!(

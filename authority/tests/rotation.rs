@@ -71,6 +71,31 @@ async fn fetch(node: &Node, p: &Person, pks: &PublicKeyRing) -> UserKeyRing {
     ring
 }
 
+/// The (attribute, version) pairs a fetch of every granted key returns.
+async fn fetched_versions(node: &Node, p: &Person) -> Vec<(String, u32)> {
+    let mut nonce = vec![0u8; 16];
+    OsRng.fill_bytes(&mut nonce);
+    let ts = now();
+    let msg =
+        mabe_proto::signing::key_request_message("hospital-a", p.gid.as_bytes(), &[], &nonce, ts);
+    let mut v: Vec<(String, u32)> = node
+        .fetch_keys(&KeyFetch {
+            authority: "hospital-a".into(),
+            gid: p.gid.as_bytes().to_vec(),
+            attributes: vec![],
+            nonce,
+            timestamp: ts,
+            signature: p.key.sign(&msg).to_bytes().to_vec(),
+        })
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|k| (k.attribute, k.version))
+        .collect();
+    v.sort();
+    v
+}
+
 async fn directory(node: &Node) -> PublicKeyRing {
     let mut pks = PublicKeyRing::new();
     for (rec, _) in node.attributes().await.unwrap() {
@@ -139,6 +164,15 @@ async fn revocation_leaves_a_rotation_whose_tokens_update_stored_records() {
         .collect();
     header.apply_tokens(&tokens).unwrap();
 
+    // While the rotation is pending, the remaining holder gets both
+    // versions (stored rows not updated yet need the old one); the revoked
+    // person gets nothing.
+    let cardio = "cardiology@hospital-a".to_owned();
+    assert_eq!(
+        fetched_versions(&node, &staying).await,
+        vec![(cardio.clone(), 1), (cardio.clone(), 2)]
+    );
+    assert!(fetched_versions(&node, &leaving).await.is_empty());
     let pks = directory(&node).await;
     let new_ring = fetch(&node, &staying, &pks).await;
     let mut out = Vec::new();
@@ -154,5 +188,10 @@ async fn revocation_leaves_a_rotation_whose_tokens_update_stored_records() {
         Err(NodeError::Conflict(_))
     ));
     assert!(node.rotations(true).await.unwrap().is_empty());
+    // Once the rotation is done, only the current version is issued.
+    assert_eq!(
+        fetched_versions(&node, &staying).await,
+        vec![(cardio.clone(), 2)]
+    );
     assert!(node.verify_audit().await.unwrap().problems.is_empty());
 }

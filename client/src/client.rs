@@ -218,19 +218,23 @@ impl Client {
     }
 
     /// Import an offline key bundle (`mabe-authority issue --out`): its
-    /// authority must be pinned; each key is verified by the pairing check
-    /// against the authority's signed directory (fetched fresh when `online`
-    /// and the authority has an endpoint, else the stored one) before any is
-    /// stored.
+    /// authority must be pinned. The signed directory the bundle carries (if
+    /// any) is verified against the pinned identity key and stored unless a
+    /// newer one is; each key is then verified by the pairing check against
+    /// the newest verified directory (fetched fresh when `online` and the
+    /// authority has an endpoint, else stored) before any is stored.
     pub async fn import_bundle(
         &self,
         bundle: &[u8],
         online: bool,
     ) -> Result<Vec<(Attribute, Version, bool)>> {
-        let (authority, encoded) = mabe_proto::bundle::decode(bundle)
+        let bundle = mabe_proto::bundle::decode(bundle)
             .map_err(|e| ClientError::malformed("key bundle", e.0))?;
-        let id = AuthorityId::new(&authority)?;
+        let id = AuthorityId::new(&bundle.authority)?;
         let t = self.trust.authority(&id)?.clone();
+        if let Some(file) = &bundle.directory {
+            self.import_directory(file)?;
+        }
         let ids = BTreeSet::from([id.clone()]);
         let (dirs, _) = self.directories(&ids, online).await?;
         let dir = dirs
@@ -238,12 +242,36 @@ impl Client {
             .ok_or_else(|| ClientError::NoDirectory(id.to_string()))?;
         let mut keys = self.store.load_keys()?;
         let mut staged = StoredKeys::new(keys.gid())?;
-        for k in &encoded {
+        for k in &bundle.keys {
             verify_received(&t.id, k, dir, &mut staged, 0)?;
         }
         let got = staged_into(staged, dir, &mut keys)?;
         self.store.save_keys(&keys)?;
         Ok(got)
+    }
+
+    /// Import a signed directory file (`mabe-authority directory export`,
+    /// docs/FORMAT.md §9.3): its authority must be pinned and its signature
+    /// must verify with the pinned identity key. It is stored unless the
+    /// stored one is newer (a directory is never rolled back). Returns the
+    /// directory now in force and whether the imported one was stored.
+    pub fn import_directory(&self, file: &[u8]) -> Result<(VerifiedDirectory, bool)> {
+        let signed = crate::directory::SignedDirectory::from_bytes(file)?;
+        let body = mabe_proto::signing::Directory::decode(&signed.body).map_err(|e| {
+            ClientError::malformed("signed directory", e.to_string())
+        })?;
+        let id = AuthorityId::new(&body.authority)?;
+        let t = self.trust.authority(&id)?;
+        let dir = VerifiedDirectory::verify(t, signed)?;
+        if self.store.save_directory(&dir, t)? {
+            Ok((dir, true))
+        } else {
+            let stored = self
+                .store
+                .load_directory(t)?
+                .ok_or_else(|| ClientError::NoDirectory(id.to_string()))?;
+            Ok((stored, false))
+        }
     }
 
     /// The public keys to encrypt under `policy` (current versions from

@@ -14,16 +14,15 @@ use std::collections::BTreeMap;
 use ed25519_dalek::Signature;
 use mabe_abe::{AttributePublicKey, PublicKeyRing, Version};
 use mabe_policy::{Attribute, AuthorityId, Policy};
-use mabe_proto::signing::{Directory, MAX_DIRECTORY_BYTES};
+use mabe_proto::signing::Directory;
 
 use crate::{
     error::{ClientError, Result},
-    files::{Cursor, put_lp},
     trust::TrustedAuthority,
 };
 
 /// Magic of a stored signed directory.
-pub const SIGNED_DIRECTORY_MAGIC: &[u8; 12] = b"MABE-SDIR-V1";
+pub const SIGNED_DIRECTORY_MAGIC: &[u8] = mabe_proto::bundle::SDIR_MAGIC;
 
 /// A directory body and the identity key's signature over it, as the
 /// authority sent it (verify it with [`VerifiedDirectory::verify`]).
@@ -36,24 +35,15 @@ pub struct SignedDirectory {
 }
 
 impl SignedDirectory {
-    /// `"MABE-SDIR-V1" ‖ lp(body) ‖ lp(signature)`.
+    /// `"MABE-SDIR-V1" ‖ lp(body) ‖ lp(signature)` (docs/FORMAT.md §9.3).
     pub fn to_bytes(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(self.body.len() + 96);
-        out.extend_from_slice(SIGNED_DIRECTORY_MAGIC);
-        put_lp(&mut out, &self.body);
-        put_lp(&mut out, &self.signature);
-        out
+        mabe_proto::bundle::encode_signed_directory(&self.body, &self.signature)
     }
 
     /// Decode (bounded, no trailing bytes). Does not verify anything.
     pub fn from_bytes(b: &[u8]) -> Result<Self> {
-        let mut c = Cursor::new(b, "signed directory");
-        if c.take(SIGNED_DIRECTORY_MAGIC.len())? != SIGNED_DIRECTORY_MAGIC {
-            return Err(c.bad("bad magic"));
-        }
-        let body = c.lp(MAX_DIRECTORY_BYTES)?.to_vec();
-        let signature = c.lp(64)?.to_vec();
-        c.finish()?;
+        let (body, signature) = mabe_proto::bundle::decode_signed_directory(b)
+            .map_err(|e| ClientError::malformed("signed directory", e.0))?;
         Ok(SignedDirectory { body, signature })
     }
 }

@@ -130,6 +130,9 @@ enum Command {
     /// Records at a record store (mabe-proxy): store, fetch, list, delete.
     #[command(subcommand)]
     Record(RecordCmd),
+    /// Signed directories of the authorities' public keys: list, import.
+    #[command(subcommand)]
+    Directory(DirectoryCmd),
     /// Policies.
     #[command(subcommand)]
     Policy(PolicyCmd),
@@ -270,6 +273,19 @@ enum KeysCmd {
         #[arg(long = "out")]
         output: String,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum DirectoryCmd {
+    /// Import a signed directory file (from `mabe-authority directory export`,
+    /// e.g. of a patient's personal authority that has no endpoint); it is
+    /// verified against the authority's pinned identity key.
+    Import {
+        /// Directory file.
+        file: PathBuf,
+    },
+    /// List the stored directories: validity and every attribute version.
+    List,
 }
 
 #[derive(Subcommand, Debug)]
@@ -938,6 +954,43 @@ async fn run(cli: Cli) -> Result<()> {
             out.commit()?;
         }
         Command::Record(cmd) => record_command(&cli, cmd).await?,
+        Command::Directory(DirectoryCmd::Import { file }) => {
+            let c = client(&cli)?;
+            let bytes = read_all(&file.to_string_lossy(), 8 << 20)?;
+            let (dir, stored) = c.import_directory(&bytes)?;
+            if stored {
+                println!(
+                    "directory of {} verified and stored (valid until {})",
+                    dir.authority(),
+                    dir.valid_until()
+                );
+            } else {
+                println!(
+                    "directory of {} verified; a newer one is already stored (valid until {})",
+                    dir.authority(),
+                    dir.valid_until()
+                );
+            }
+        }
+        Command::Directory(DirectoryCmd::List) => {
+            let s = store(&cli)?;
+            let trust = TrustStore::load_or_empty(&s.trust_path())?;
+            let now = mabe_client::unix_now();
+            for (id, d) in s.directories(&trust)? {
+                println!(
+                    "{id}: issued {}, valid until {}{}",
+                    d.issued_at(),
+                    d.valid_until(),
+                    if d.is_expired(now) { " (EXPIRED)" } else { "" }
+                );
+                for (a, v, e) in d.entries() {
+                    println!(
+                        "  {a} version {v}{}",
+                        if e.current { " (current)" } else { " (superseded)" }
+                    );
+                }
+            }
+        }
         Command::Policy(PolicyCmd::Check { policy }) => {
             let store = store(&cli)?;
             let trust = TrustStore::load_or_empty(&store.trust_path())?;

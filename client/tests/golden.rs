@@ -127,7 +127,7 @@ fn regenerate() {
     let encoded: Vec<Vec<u8>> = keys.iter().map(|k| k.key.to_bytes().to_vec()).collect();
     std::fs::write(
         d.join("reader-keys.bundle"),
-        mabe_proto::bundle::encode("hospital-a", &encoded[..1]),
+        mabe_proto::bundle::encode("hospital-a", b"", &encoded[..1]),
     )
     .unwrap();
     // The expected inspection output.

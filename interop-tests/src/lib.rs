@@ -620,6 +620,222 @@ impl Person {
     }
 }
 
+/// A person using the real `mabe` command with a key store of their own.
+#[derive(Debug)]
+pub struct User {
+    /// Key store directory (`mabe --home`).
+    pub home: PathBuf,
+    /// Registry of their identity.
+    pub registry: String,
+    /// Subject within the registry.
+    pub subject: String,
+    /// GID, 64 hex digits (as `mabe identity new` printed it).
+    pub gid: String,
+    /// Request public key, 64 hex digits (what authorities enroll).
+    pub request_key: String,
+}
+
+/// A finished `mabe` run: exit code and both outputs as text.
+#[derive(Debug)]
+pub struct Ran {
+    /// Exit code (`None`: killed by a signal).
+    pub code: Option<i32>,
+    /// Standard output.
+    pub stdout: String,
+    /// Standard error.
+    pub stderr: String,
+}
+
+impl Ran {
+    /// Require success; the run.
+    pub fn ok(self) -> Result<Ran> {
+        ensure!(
+            self.code == Some(0),
+            "expected success, got {:?}:\nstdout: {}\nstderr: {}",
+            self.code,
+            self.stdout,
+            self.stderr
+        );
+        Ok(self)
+    }
+
+    /// Require exit `code` and `needle` in stderr or stdout; the run.
+    pub fn fails_with(self, code: i32, needle: &str) -> Result<Ran> {
+        ensure!(
+            self.code == Some(code),
+            "expected exit {code}, got {:?}:\nstdout: {}\nstderr: {}",
+            self.code,
+            self.stdout,
+            self.stderr
+        );
+        ensure!(
+            self.stderr.contains(needle) || self.stdout.contains(needle),
+            "expected {needle:?} in:\nstdout: {}\nstderr: {}",
+            self.stdout,
+            self.stderr
+        );
+        Ok(self)
+    }
+}
+
+impl User {
+    /// `mabe identity new` in `root/<name>` (registry `big-register`).
+    pub fn new(root: &Path, name: &str, subject: &str) -> Result<User> {
+        let mut u = User {
+            home: root.join(name),
+            registry: "big-register".into(),
+            subject: subject.into(),
+            gid: String::new(),
+            request_key: String::new(),
+        };
+        let out = u
+            .run(&[
+                "identity",
+                "new",
+                "--registry",
+                "big-register",
+                "--subject",
+                subject,
+            ])?
+            .ok()?
+            .stdout;
+        let field = |name: &str| {
+            out.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(|v| v.trim().to_owned())
+                .ok_or_else(|| anyhow!("identity new printed no {name}: {out}"))
+        };
+        u.gid = field("GID: ")?;
+        u.request_key = field("request key: ")?;
+        Ok(u)
+    }
+
+    /// The `mabe` command with this key store.
+    pub fn command(&self) -> Command {
+        let mut c = Command::new(bin("mabe"));
+        c.arg("--home")
+            .arg(&self.home)
+            .env_remove("MABE_HOME")
+            .env_remove("MABE_PASSPHRASE");
+        c
+    }
+
+    /// Run `mabe args…`.
+    pub fn run(&self, args: &[&str]) -> Result<Ran> {
+        let out = self.command().args(args).output()?;
+        Ok(Ran {
+            code: out.status.code(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        })
+    }
+
+    /// Run `mabe args…`, which must succeed; its stdout.
+    pub fn ok(&self, args: &[&str]) -> Result<String> {
+        Ok(self
+            .run(args)?
+            .ok()
+            .with_context(|| format!("mabe {args:?}"))?
+            .stdout)
+    }
+
+    /// A path inside the key store directory (for this user's files).
+    pub fn path(&self, name: &str) -> String {
+        self.home.join(name).to_string_lossy().into_owned()
+    }
+
+    /// `mabe trust add` for a serving authority (its endpoint and dev TLS
+    /// root), or an offline one (identity key only) if it is not serving.
+    pub fn trust(&self, a: &Authority) -> Result<()> {
+        let mut args = vec![
+            "trust".to_owned(),
+            "add".into(),
+            "--id".into(),
+            a.id.clone(),
+            "--identity-key".into(),
+            a.identity_key.clone(),
+        ];
+        if let Some(s) = &a.served {
+            args.extend([
+                "--endpoint".into(),
+                format!("https://localhost:{}", s.public),
+                "--tls-root".into(),
+                a.dir.join("tls/cert.pem").to_string_lossy().into_owned(),
+            ]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.ok(&args)?;
+        Ok(())
+    }
+
+    /// `mabe trust proxy` for a serving record store.
+    pub fn trust_proxy(&self, p: &Proxy) -> Result<()> {
+        let url = p.url()?;
+        let root = p.tls_root_file();
+        self.ok(&[
+            "trust",
+            "proxy",
+            "--id",
+            &p.id,
+            "--endpoint",
+            &url,
+            "--tls-root",
+            &root.to_string_lossy(),
+        ])?;
+        Ok(())
+    }
+
+    /// Encrypt `plain` (written to a file first) under `policy` into the
+    /// record file `name` in this user's directory; its path.
+    pub fn encrypt(&self, policy: &str, plain: &[u8], name: &str) -> Result<String> {
+        let input = self.path(&format!("{name}.plain"));
+        fs::write(&input, plain)?;
+        let out = self.path(name);
+        self.ok(&["encrypt", "--policy", policy, "--in", &input, "--out", &out])?;
+        Ok(out)
+    }
+
+    /// Store a record file at the (only) record store; its record id.
+    pub fn put(&self, record: &str) -> Result<String> {
+        Ok(self.ok(&["record", "put", "--in", record])?.trim().to_owned())
+    }
+
+    /// Fetch record `id` from the (only) record store and decrypt it:
+    /// the `mabe decrypt` run (plaintext on stdout when it succeeds).
+    pub fn get_and_decrypt(&self, id: &str) -> Result<Ran> {
+        let file = self.path(&format!("fetched-{id}.mabe"));
+        self.ok(&["record", "get", "--id", id, "--out", &file])?;
+        self.run(&["decrypt", "--in", &file, "--out", "-"])
+    }
+}
+
+impl Authority {
+    /// Enroll a `mabe` user with the given roles.
+    pub fn enroll_user(&self, u: &User, roles: &[&str]) -> Result<()> {
+        let mut args = vec![
+            "enroll",
+            "--registry",
+            &u.registry,
+            "--subject",
+            &u.subject,
+            "--request-key",
+            &u.request_key,
+        ];
+        for r in roles {
+            args.extend(["--role", r]);
+        }
+        let out = self.ok(&args)?;
+        ensure!(out.contains(&u.gid), "enroll printed {out}");
+        Ok(())
+    }
+
+    /// Grant `attr` to a `mabe` user directly.
+    pub fn grant_user(&self, u: &User, attr: &str) -> Result<()> {
+        self.ok(&["grant", "--gid", &u.gid, "--attr", attr])?;
+        Ok(())
+    }
+}
+
 /// Encrypt `payload` under `policy`: (header bytes, payload ciphertext).
 pub fn encrypt(policy: &str, pks: &PublicKeyRing, payload: &[u8]) -> Result<(Vec<u8>, Vec<u8>)> {
     let policy = mabe_policy::parse(policy)?;

@@ -395,6 +395,18 @@ pub struct RotationProgress {
     pub done_at: Option<i64>,
 }
 
+/// Who leases chunks of which rotation at which proxy (see
+/// [`Store::claim_chunk`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChunkLease {
+    /// Rotation job id.
+    pub rotation_id: i64,
+    /// Proxy id.
+    pub proxy_id: String,
+    /// The leasing replica's instance id.
+    pub owner: String,
+}
+
 /// Storage for one authority node.
 #[async_trait]
 pub trait Store: Send + Sync + fmt::Debug {
@@ -476,6 +488,31 @@ pub trait Store: Send + Sync + fmt::Debug {
     ) -> StoreResult<()>;
     /// Progress of a rotation at every proxy that froze it.
     async fn rotation_progress(&self, rotation_id: i64) -> StoreResult<Vec<RotationProgress>>;
+    /// Lease one chunk of a rotation's work at a proxy to `owner` until
+    /// `lease_until`: the lowest of chunks `0..chunks` (created on first use)
+    /// that is not done and is either unleased, leased to `owner`, or whose
+    /// lease ran out before `now`. `None` when no chunk is free (every one is
+    /// done, or leased to another owner). Safe against concurrent claims by
+    /// replicas: a chunk is leased to one owner at a time.
+    async fn claim_chunk(
+        &self,
+        lease: &ChunkLease,
+        chunks: u32,
+        now: i64,
+        lease_until: i64,
+    ) -> StoreResult<Option<u32>>;
+    /// Extend `owner`'s lease of a chunk, or (with `done_at`) mark it done.
+    /// `false` if the chunk is no longer leased to `owner` (its lease ran
+    /// out and another replica took it).
+    async fn update_chunk(
+        &self,
+        lease: &ChunkLease,
+        chunk: u32,
+        lease_until: i64,
+        done_at: Option<i64>,
+    ) -> StoreResult<bool>;
+    /// Chunks of a rotation at a proxy: `(done, created)`.
+    async fn chunk_counts(&self, rotation_id: i64, proxy_id: &str) -> StoreResult<(u32, u32)>;
     /// Active grants (not revoked) whose expiry is at or before `at`, oldest
     /// expiry first.
     async fn expired_grants(&self, at: i64) -> StoreResult<Vec<GrantRecord>>;

@@ -23,7 +23,8 @@ use tokio_postgres::types::FromSql;
 use tokio_postgres::{Client, NoTls, Row, Transaction};
 
 use super::{
-    AttributeRecord, AuditEntry, AuditEvent, AuthorityMeta, Checkpoint, GrantRecord, NewRotation,
+    AttributeRecord, AuditEntry, AuditEvent, AuthorityMeta, Checkpoint, ChunkLease, GrantRecord,
+    NewRotation,
     NonceUse, PersonRecord, ProxyRecord, RequestRecord, RequestState, RotationProgress,
     RotationRecord, RotationState, Store, StoreError, StoreResult, VersionState,
     check_same_snapshot,
@@ -41,6 +42,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (
         3,
         include_str!("../../migrations/postgres/0003_proxies.sql"),
+    ),
+    (
+        4,
+        include_str!("../../migrations/postgres/0004_rotation_chunks.sql"),
     ),
 ];
 
@@ -1223,6 +1228,106 @@ impl Store for PgStore {
             })
         })
         .await
+    }
+
+    async fn claim_chunk(
+        &self,
+        lease: &ChunkLease,
+        chunks: u32,
+        now: i64,
+        lease_until: i64,
+    ) -> StoreResult<Option<u32>> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg_err)?;
+        let all: Vec<i32> = (0..i32::try_from(chunks).unwrap_or(i32::MAX)).collect();
+        tx.execute(
+            "INSERT INTO rotation_chunks (rotation_id, proxy_id, chunk)
+             SELECT $1, $2, c FROM unnest($3::int[]) AS c
+             ON CONFLICT DO NOTHING",
+            &[&lease.rotation_id, &lease.proxy_id, &all],
+        )
+        .await
+        .map_err(pg_err)?;
+        // SKIP LOCKED: replicas claiming at the same moment get different chunks.
+        let row = tx
+            .query_opt(
+                "SELECT chunk FROM rotation_chunks
+                 WHERE rotation_id = $1 AND proxy_id = $2 AND done_at IS NULL
+                   AND (owner = '' OR owner = $3 OR lease_until < $4)
+                 ORDER BY chunk LIMIT 1
+                 FOR UPDATE SKIP LOCKED",
+                &[&lease.rotation_id, &lease.proxy_id, &lease.owner, &now],
+            )
+            .await
+            .map_err(pg_err)?;
+        let claimed = match row {
+            Some(r) => {
+                let chunk: i32 = r.try_get(0).map_err(pg_err)?;
+                tx.execute(
+                    "UPDATE rotation_chunks SET owner = $4, lease_until = $5
+                     WHERE rotation_id = $1 AND proxy_id = $2 AND chunk = $3",
+                    &[
+                        &lease.rotation_id,
+                        &lease.proxy_id,
+                        &chunk,
+                        &lease.owner,
+                        &lease_until,
+                    ],
+                )
+                .await
+                .map_err(pg_err)?;
+                Some(u32::try_from(chunk).map_err(|_| StoreError::Corrupt("chunk number".into()))?)
+            }
+            None => None,
+        };
+        tx.commit().await.map_err(pg_err)?;
+        Ok(claimed)
+    }
+
+    async fn update_chunk(
+        &self,
+        lease: &ChunkLease,
+        chunk: u32,
+        lease_until: i64,
+        done_at: Option<i64>,
+    ) -> StoreResult<bool> {
+        let client = self.client().await?;
+        let chunk = i32::try_from(chunk).map_err(|_| StoreError::Corrupt("chunk number".into()))?;
+        let changed = client
+            .execute(
+                "UPDATE rotation_chunks SET lease_until = $4, done_at = $5
+                 WHERE rotation_id = $1 AND proxy_id = $2 AND chunk = $3 AND owner = $6
+                   AND done_at IS NULL",
+                &[
+                    &lease.rotation_id,
+                    &lease.proxy_id,
+                    &chunk,
+                    &lease_until,
+                    &done_at,
+                    &lease.owner,
+                ],
+            )
+            .await
+            .map_err(pg_err)?;
+        Ok(changed == 1)
+    }
+
+    async fn chunk_counts(&self, rotation_id: i64, proxy_id: &str) -> StoreResult<(u32, u32)> {
+        let client = self.client().await?;
+        let row = client
+            .query_one(
+                "SELECT COUNT(done_at), COUNT(*) FROM rotation_chunks
+                 WHERE rotation_id = $1 AND proxy_id = $2",
+                &[&rotation_id, &proxy_id],
+            )
+            .await
+            .map_err(pg_err)?;
+        let done: i64 = row.try_get(0).map_err(pg_err)?;
+        let all: i64 = row.try_get(1).map_err(pg_err)?;
+        Ok((
+            u32::try_from(done).unwrap_or(u32::MAX),
+            u32::try_from(all).unwrap_or(u32::MAX),
+        ))
     }
 
     async fn rotation_progress(&self, rotation_id: i64) -> StoreResult<Vec<RotationProgress>> {

@@ -20,7 +20,8 @@ use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 
 use super::{
-    AttributeRecord, AuditEntry, AuditEvent, AuthorityMeta, Checkpoint, GrantRecord, NewRotation,
+    AttributeRecord, AuditEntry, AuditEvent, AuthorityMeta, Checkpoint, ChunkLease, GrantRecord,
+    NewRotation,
     NonceUse, PersonRecord, ProxyRecord, RequestRecord, RequestState, RotationProgress,
     RotationRecord, RotationState, Store, StoreError, StoreResult, VersionState,
     check_same_snapshot,
@@ -36,6 +37,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
         include_str!("../../migrations/sqlite/0002_rotations.sql"),
     ),
     (3, include_str!("../../migrations/sqlite/0003_proxies.sql")),
+    (
+        4,
+        include_str!("../../migrations/sqlite/0004_rotation_chunks.sql"),
+    ),
 ];
 
 /// How long a writer waits for another process's write lock.
@@ -1327,6 +1332,98 @@ impl Store for SqliteStore {
                 append(tx, ev)?;
             }
             Ok(())
+        })
+        .await
+    }
+
+    async fn claim_chunk(
+        &self,
+        lease: &ChunkLease,
+        chunks: u32,
+        now: i64,
+        lease_until: i64,
+    ) -> StoreResult<Option<u32>> {
+        let lease = lease.clone();
+        self.write(move |tx| {
+            let mut add = tx
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO rotation_chunks (rotation_id, proxy_id, chunk)
+                     VALUES (?1, ?2, ?3)",
+                )
+                .map_err(db_err)?;
+            for chunk in 0..chunks {
+                add.execute(params![lease.rotation_id, lease.proxy_id, chunk])
+                    .map_err(db_err)?;
+            }
+            let claimed: Option<i64> = tx
+                .prepare_cached(
+                    "UPDATE rotation_chunks SET owner = ?3, lease_until = ?5
+                     WHERE rotation_id = ?1 AND proxy_id = ?2 AND chunk = (
+                         SELECT chunk FROM rotation_chunks
+                         WHERE rotation_id = ?1 AND proxy_id = ?2 AND done_at IS NULL
+                           AND (owner = '' OR owner = ?3 OR lease_until < ?4)
+                         ORDER BY chunk LIMIT 1)
+                     RETURNING chunk",
+                )
+                .map_err(db_err)?
+                .query_row(
+                    params![lease.rotation_id, lease.proxy_id, lease.owner, now, lease_until],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(db_err)?;
+            claimed
+                .map(|c| u32::try_from(c).map_err(|_| StoreError::Corrupt("chunk number".into())))
+                .transpose()
+        })
+        .await
+    }
+
+    async fn update_chunk(
+        &self,
+        lease: &ChunkLease,
+        chunk: u32,
+        lease_until: i64,
+        done_at: Option<i64>,
+    ) -> StoreResult<bool> {
+        let lease = lease.clone();
+        self.write(move |tx| {
+            let changed = tx
+                .prepare_cached(
+                    "UPDATE rotation_chunks SET lease_until = ?4, done_at = ?5
+                     WHERE rotation_id = ?1 AND proxy_id = ?2 AND chunk = ?3 AND owner = ?6
+                       AND done_at IS NULL",
+                )
+                .map_err(db_err)?
+                .execute(params![
+                    lease.rotation_id,
+                    lease.proxy_id,
+                    chunk,
+                    lease_until,
+                    done_at,
+                    lease.owner
+                ])
+                .map_err(db_err)?;
+            Ok(changed == 1)
+        })
+        .await
+    }
+
+    async fn chunk_counts(&self, rotation_id: i64, proxy_id: &str) -> StoreResult<(u32, u32)> {
+        let proxy_id = proxy_id.to_owned();
+        self.call(move |conn| {
+            let (done, all): (i64, i64) = conn
+                .prepare_cached(
+                    "SELECT COUNT(done_at), COUNT(*) FROM rotation_chunks
+                     WHERE rotation_id = ?1 AND proxy_id = ?2",
+                )
+                .map_err(db_err)?
+                .query_row(params![rotation_id, proxy_id], |r| Ok((r.get(0)?, r.get(1)?)))
+                .map_err(db_err)?;
+            Ok((
+                u32::try_from(done).unwrap_or(u32::MAX),
+                u32::try_from(all).unwrap_or(u32::MAX),
+            ))
         })
         .await
     }
