@@ -153,13 +153,16 @@ impl Default for Verifier {
 impl Verifier {
     /// Check the next entry in stored (seq) order.
     pub fn entry(&mut self, e: &AuditEntry) {
-        self.report.entries += 1;
+        self.report.entries = self.report.entries.saturating_add(1);
         if entry_hash(e.seq, &e.prev_hash, &e.event) != e.hash {
             self.report
                 .problems
                 .push(AuditProblem::Edited { seq: e.seq });
         }
-        if e.seq > self.prev_seq + 1 {
+        // `prev_seq + 1` overflows only after an entry at i64::MAX (a
+        // tampered row): then nothing can follow it in order.
+        let expected = self.prev_seq.checked_add(1);
+        if expected.is_some_and(|next| e.seq > next) {
             self.report.problems.push(AuditProblem::Missing {
                 after: self.prev_seq,
                 next: e.seq,
@@ -195,5 +198,59 @@ impl Verifier {
     /// The report.
     pub fn finish(self) -> AuditReport {
         self.report
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn event(detail: &str) -> AuditEvent {
+        AuditEvent {
+            ts: 1_700_000_000,
+            kind: "issue".into(),
+            actor: "admin".into(),
+            subject: None,
+            attribute: None,
+            detail: detail.into(),
+        }
+    }
+
+    fn entry(seq: i64, prev_hash: [u8; 32], detail: &str) -> AuditEntry {
+        let ev = event(detail);
+        AuditEntry {
+            seq,
+            hash: entry_hash(seq, &prev_hash, &ev),
+            prev_hash,
+            event: ev,
+        }
+    }
+
+    /// Regression: an entry after one at `i64::MAX` made `prev_seq + 1`
+    /// overflow (a panic in debug builds) instead of being reported.
+    #[test]
+    fn entries_around_i64_max_are_reported_not_overflowed() {
+        let mut v = Verifier::default();
+        let first = entry(1, [0; 32], "a");
+        let top = entry(i64::MAX, first.hash, "b");
+        let after = entry(i64::MAX, top.hash, "c");
+        let wrapped = entry(i64::MIN, after.hash, "d");
+        for e in [&first, &top, &after, &wrapped] {
+            v.entry(e);
+        }
+        let report = v.finish();
+        assert_eq!(report.entries, 4);
+        assert_eq!(
+            report.problems,
+            vec![
+                AuditProblem::Missing {
+                    after: 1,
+                    next: i64::MAX
+                },
+                AuditProblem::BrokenLink { seq: i64::MAX },
+                AuditProblem::BrokenLink { seq: i64::MIN },
+            ]
+        );
     }
 }

@@ -586,7 +586,11 @@ impl v1::authority_admin_server::AuthorityAdmin for AdminService {
             if let Some(s) = stop {
                 break s;
             }
-            from = last + 1;
+            // An entry at i64::MAX (a tampered row) is the last one there can be.
+            match last.checked_add(1) {
+                Some(next) if next > from => from = next,
+                _ => break 0,
+            }
             // Bound the work of one call; the caller continues from here.
             if scanned >= 100_000 {
                 break from;

@@ -22,8 +22,9 @@ use crate::{
     audit::{self, AuditReport, Verifier},
     seal::{Kek, SealError, attribute_ad, identity_ad, update_ad},
     store::{
-        AttributeRecord, AuditEvent, AuthorityMeta, Checkpoint, GrantRecord, NewRotation, NonceUse,
-        PersonRecord, RequestRecord, RequestState, RotationRecord, Store, StoreError, VersionState,
+        AttributeRecord, AuditEntry, AuditEvent, AuthorityMeta, Checkpoint, GrantRecord,
+        NewRotation, NonceUse, PersonRecord, RequestRecord, RequestState, RotationRecord, Store,
+        StoreError, VersionState,
     },
 };
 
@@ -229,6 +230,9 @@ struct Signed<'a> {
 
 /// Longest accepted reason text.
 pub const MAX_REASON_LEN: usize = 2000;
+
+/// Audit entries read per page when the whole log is scanned.
+const AUDIT_PAGE: i64 = 1000;
 
 /// An authority node's core.
 pub struct Node {
@@ -1106,16 +1110,35 @@ impl Node {
 
     // ----------------------------------------------------------------- audit
 
+    /// Read the whole audit log in seq order, one page at a time. The next
+    /// page starts after the last entry seen, with checked arithmetic: an
+    /// entry at `i64::MAX` (only a tampered row can hold it) ends the scan
+    /// instead of overflowing, and so does a page that would not move the
+    /// scan forward.
+    async fn scan_audit(&self, mut each_page: impl FnMut(&[AuditEntry])) -> NodeResult<()> {
+        let mut from = 1i64;
+        loop {
+            let page = self.store.audit_entries(from, AUDIT_PAGE).await?;
+            let Some(tail) = page.last().map(|e| e.seq) else {
+                return Ok(());
+            };
+            each_page(&page);
+            match tail.checked_add(1) {
+                Some(next) if next > from => from = next,
+                _ => return Ok(()),
+            }
+        }
+    }
+
     /// Sign a checkpoint of the audit chain at its current head.
     pub async fn checkpoint(&self) -> NodeResult<Option<Checkpoint>> {
         let mut last = None;
-        let mut from = 1;
-        loop {
-            let page = self.store.audit_entries(from, 1000).await?;
-            let Some(tail) = page.last() else { break };
-            from = tail.seq + 1;
-            last = Some((tail.seq, tail.hash));
-        }
+        self.scan_audit(|page| {
+            if let Some(tail) = page.last() {
+                last = Some((tail.seq, tail.hash));
+            }
+        })
+        .await?;
         let Some((seq, hash)) = last else {
             return Ok(None);
         };
@@ -1134,15 +1157,12 @@ impl Node {
     /// Verify the whole audit log and every checkpoint.
     pub async fn verify_audit(&self) -> NodeResult<AuditReport> {
         let mut v = Verifier::default();
-        let mut from = 1;
-        loop {
-            let page = self.store.audit_entries(from, 1000).await?;
-            let Some(tail) = page.last() else { break };
-            from = tail.seq + 1;
-            for e in &page {
+        self.scan_audit(|page| {
+            for e in page {
                 v.entry(e);
             }
-        }
+        })
+        .await?;
         let key = self.identity.verifying_key();
         for cp in self.store.checkpoints().await? {
             v.checkpoint(self.id.as_str(), &key, &cp);

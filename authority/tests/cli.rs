@@ -130,6 +130,85 @@ fn audit_verify_names_the_edited_deleted_or_reordered_entry() {
     assert!(ok(&dir, &["audit", "verify"]).contains("audit log verifies"));
 }
 
+/// Run the CLI, killing it if it has not finished after `secs` seconds
+/// (a hang is a failure, not a stuck test run).
+fn run_within(dir: &Path, args: &[&str], secs: u64) -> Output {
+    let child = Command::new(BIN)
+        .arg("--data-dir")
+        .arg(dir)
+        .args(args)
+        .env_remove("MABE_KEK")
+        .env_remove("MABE_DATABASE_URL")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run mabe-authority");
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(Duration::from_secs(secs)) {
+        Ok(out) => out.expect("wait for mabe-authority"),
+        Err(_) => {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+            panic!("mabe-authority {args:?} did not finish within {secs} s");
+        }
+    }
+}
+
+/// Regression: a tampered row with `seq = i64::MAX` made `audit verify`,
+/// `audit list` and `audit checkpoint` step past it with `seq + 1` (a panic
+/// in debug builds, an endless loop in release builds) instead of reporting
+/// the tampered entry.
+#[test]
+fn audit_commands_report_an_entry_moved_to_i64_max() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("a");
+    init(&dir);
+    ok(&dir, &["attribute", "create", "cardiology"]);
+    ok(&dir, &["attribute", "create", "nurse"]);
+    let c = rusqlite::Connection::open(dir.join("authority.db")).unwrap();
+    c.execute_batch("UPDATE audit SET seq = 9223372036854775807 WHERE seq = 2;")
+        .unwrap();
+    drop(c);
+    let out = run_within(&dir, &["audit", "verify"], 60);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("entry 9223372036854775807 was edited"),
+        "{text}"
+    );
+    assert!(
+        text.contains("entries after 1 are missing (next entry is 3)"),
+        "{text}"
+    );
+    let out = run_within(&dir, &["audit", "list"], 60);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listed = String::from_utf8_lossy(&out.stdout);
+    assert!(listed.contains("#9223372036854775807"), "{listed}");
+    assert!(!listed.contains("more from"), "{listed}");
+    let out = run_within(&dir, &["audit", "checkpoint"], 60);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = run_within(&dir, &["audit", "verify"], 60);
+    assert_eq!(out.status.code(), Some(3));
+}
+
 struct Served {
     child: Child,
     public: u16,

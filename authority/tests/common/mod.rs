@@ -155,6 +155,11 @@ impl Running {
 /// A fresh, empty database on the test server (`MABE_TEST_DATABASE_URL`,
 /// which `scripts/with-postgres` exports), as a connected store.
 pub async fn fresh_pg(prefix: &str) -> PgStore {
+    PgStore::connect(&fresh_pg_url(prefix).await).await.unwrap()
+}
+
+/// Like [`fresh_pg`], but the URL of the new database (for raw access too).
+pub async fn fresh_pg_url(prefix: &str) -> String {
     let url = std::env::var("MABE_TEST_DATABASE_URL")
         .expect("set MABE_TEST_DATABASE_URL, or run through scripts/with-postgres");
     let db = format!("{prefix}_{}", OsRng.next_u64());
@@ -166,9 +171,8 @@ pub async fn fresh_pg(prefix: &str) -> PgStore {
         .batch_execute(&format!("CREATE DATABASE {db}"))
         .await
         .unwrap();
-    let db_url = match url.rsplit_once('/') {
+    match url.rsplit_once('/') {
         Some((base, _)) => format!("{base}/{db}"),
         None => panic!("database URL without a database name"),
-    };
-    PgStore::connect(&db_url).await.unwrap()
+    }
 }

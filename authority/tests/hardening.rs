@@ -1,0 +1,153 @@
+//! Hardening of the authority node, over real gRPC with TLS on loopback and
+//! against both backends: audit scans that meet a tampered `seq = i64::MAX`.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::{future::Future, path::PathBuf, sync::Arc, time::Duration};
+
+use mabe_authority::{
+    admin_client::signed,
+    audit::AuditProblem,
+    store::{Store, postgres::PgStore, sqlite::SqliteStore},
+};
+use mabe_proto::v1::ListAuditRequest;
+
+mod common;
+use common::*;
+
+/// One fresh database of either backend, with raw SQL access (the
+/// tamperer's view).
+enum Db {
+    Sqlite {
+        _dir: tempfile::TempDir,
+        path: PathBuf,
+    },
+    Postgres {
+        url: String,
+    },
+}
+
+impl Db {
+    async fn sqlite() -> Db {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("authority.db");
+        Db::Sqlite { _dir: dir, path }
+    }
+
+    async fn postgres() -> Db {
+        Db::Postgres {
+            url: fresh_pg_url("mabe_hardening").await,
+        }
+    }
+
+    async fn store(&self) -> Arc<dyn Store> {
+        match self {
+            Db::Sqlite { path, .. } => Arc::new(SqliteStore::open(path).unwrap()),
+            Db::Postgres { url } => Arc::new(PgStore::connect(url).await.unwrap()),
+        }
+    }
+
+    async fn exec(&self, sql: &str) {
+        match self {
+            Db::Sqlite { path, .. } => {
+                let c = rusqlite::Connection::open(path).unwrap();
+                c.busy_timeout(Duration::from_secs(5)).unwrap();
+                c.execute_batch(sql).unwrap();
+            }
+            Db::Postgres { url } => {
+                let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+                    .await
+                    .unwrap();
+                tokio::spawn(conn);
+                client.batch_execute(sql).await.unwrap();
+            }
+        }
+    }
+}
+
+/// Declare each test once; it runs on both backends.
+macro_rules! both {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Db::sqlite().await).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Db::postgres().await).await;
+                }
+            )*
+        }
+    };
+}
+
+both!(audit_scans_stop_at_a_tampered_i64_max,);
+
+/// Fails the test instead of hanging on an endless loop.
+async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(60), f)
+        .await
+        .unwrap_or_else(|_| panic!("{what} did not finish within 60 s"))
+}
+
+fn admin_path(m: &str) -> String {
+    format!("{ADMIN}{m}")
+}
+
+/// Regression: an audit row moved to `seq = i64::MAX` made the verify,
+/// checkpoint and ListAudit scans compute `seq + 1` (a panic in debug
+/// builds, an endless loop in release builds).
+async fn audit_scans_stop_at_a_tampered_i64_max(db: Db) {
+    let mut r = start(db.store().await).await;
+    r.node.create_attribute("cardiology").await.unwrap();
+    r.node.create_attribute("nurse").await.unwrap();
+    db.exec("UPDATE audit SET seq = 9223372036854775807 WHERE seq = 2")
+        .await;
+    let report = within("verify", r.node.verify_audit()).await.unwrap();
+    assert_eq!(report.entries, 3);
+    assert!(
+        report
+            .problems
+            .contains(&AuditProblem::Edited { seq: i64::MAX }),
+        "{:?}",
+        report.problems
+    );
+    assert!(
+        report
+            .problems
+            .contains(&AuditProblem::Missing { after: 1, next: 3 })
+    );
+    let cp = within("checkpoint", r.node.checkpoint())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(cp.seq, i64::MAX);
+    for from_seq in [1, i64::MAX, i64::MIN] {
+        let list = within(
+            "ListAudit",
+            r.admin.list_audit(signed(
+                ListAuditRequest {
+                    from_seq,
+                    limit: 1000,
+                    kind: String::new(),
+                },
+                "hospital-a",
+                &admin_path("ListAudit"),
+                &r.admin_key,
+            )),
+        )
+        .await
+        .unwrap()
+        .into_inner();
+        assert_eq!(list.next_seq, 0, "from {from_seq}");
+        assert_eq!(list.entries.last().map(|e| e.seq), Some(i64::MAX));
+    }
+    // Nothing can follow it: appending is refused, not wrapped around.
+    assert!(r.node.create_attribute("surgeon").await.is_err());
+    r.stop().await;
+}
