@@ -6,8 +6,14 @@
 //! `opt(x)` is `0x00` for none or `0x01 ‖ lp(x)`. A checkpoint is the identity
 //! key's Ed25519 signature over `"MABE-V1-CHECKPOINT" ‖ lp(authority) ‖ be64(seq)
 //! ‖ hash_seq ‖ be64(ts)`. Editing, deleting or reordering any entry breaks the
-//! chain at that entry; rewriting the whole tail after the last checkpoint is
-//! caught by the checkpoint signatures.
+//! chain at that entry; rewriting history covered by a checkpoint, or
+//! deleting the newest entries that a checkpoint covers, is caught by the
+//! checkpoint signatures. Deleting the newest entries *after* the last
+//! checkpoint (together with any later checkpoint rows) leaves a shorter but
+//! consistent log: no check inside the database can see it, so the report
+//! counts those [uncovered](AuditReport::uncovered) entries and `serve` signs
+//! a checkpoint on schedule and at shutdown; only a checkpoint kept outside
+//! the database (an external witness) closes the gap.
 
 use ed25519_dalek::{Signature, VerifyingKey};
 use sha2::{Digest, Sha256};
@@ -88,6 +94,14 @@ pub enum AuditProblem {
         /// The checkpoint's seq.
         seq: i64,
     },
+    /// A validly signed checkpoint covers entries beyond the end of the log:
+    /// the newest entries were deleted.
+    Truncated {
+        /// The checkpoint's seq.
+        checkpoint: i64,
+        /// The last entry left in the log (0: the log is empty).
+        head: i64,
+    },
 }
 
 impl std::fmt::Display for AuditProblem {
@@ -111,6 +125,11 @@ impl std::fmt::Display for AuditProblem {
                 f,
                 "checkpoint at entry {seq} does not match the log (history rewritten or truncated)"
             ),
+            AuditProblem::Truncated { checkpoint, head } => write!(
+                f,
+                "the log ends at entry {head} but a signed checkpoint covers entry {checkpoint}: \
+                 the newest entries were deleted"
+            ),
         }
     }
 }
@@ -124,6 +143,14 @@ pub struct AuditReport {
     pub checkpoints: usize,
     /// Every problem found, in log order (empty: the log verifies).
     pub problems: Vec<AuditProblem>,
+    /// The last entry of the log, if it has any.
+    pub head: Option<i64>,
+    /// The newest checkpoint that verifies and matches the log, if any.
+    pub last_checkpoint: Option<i64>,
+    /// Entries after `last_checkpoint` (every entry, without one). Nothing
+    /// in the database can reveal that such entries were deleted: only a
+    /// checkpoint kept elsewhere can (see docs/PROTOCOL.md, Audit).
+    pub uncovered: i64,
 }
 
 /// Incremental verifier: feed entries in stored order, then checkpoints.
@@ -145,6 +172,9 @@ impl Default for Verifier {
                 entries: 0,
                 checkpoints: 0,
                 problems: Vec::new(),
+                head: None,
+                last_checkpoint: None,
+                uncovered: 0,
             },
         }
     }
@@ -184,19 +214,36 @@ impl Verifier {
         let sig_ok = Signature::from_slice(&cp.signature)
             .map(|s| key.verify_strict(&msg, &s).is_ok())
             .unwrap_or(false);
+        let head = self.hashes.keys().next_back().copied();
         if !sig_ok {
             self.report
                 .problems
                 .push(AuditProblem::BadCheckpointSignature { seq: cp.seq });
-        } else if self.hashes.get(&cp.seq) != Some(&cp.hash) {
+        } else if self.hashes.get(&cp.seq) == Some(&cp.hash) {
+            if self.report.last_checkpoint.is_none_or(|s| s < cp.seq) {
+                self.report.last_checkpoint = Some(cp.seq);
+            }
+        } else if head.is_none_or(|h| cp.seq > h) {
+            self.report.problems.push(AuditProblem::Truncated {
+                checkpoint: cp.seq,
+                head: head.unwrap_or(0),
+            });
+        } else {
             self.report
                 .problems
                 .push(AuditProblem::CheckpointMismatch { seq: cp.seq });
         }
     }
 
-    /// The report.
-    pub fn finish(self) -> AuditReport {
+    /// The report: problems, and how much of the log no checkpoint covers.
+    pub fn finish(mut self) -> AuditReport {
+        use std::ops::Bound::{Excluded, Unbounded};
+        self.report.head = self.hashes.keys().next_back().copied();
+        let uncovered = match self.report.last_checkpoint {
+            Some(cp) => self.hashes.range((Excluded(cp), Unbounded)).count(),
+            None => self.hashes.len(),
+        };
+        self.report.uncovered = i64::try_from(uncovered).unwrap_or(i64::MAX);
         self.report
     }
 }

@@ -416,6 +416,9 @@ impl v1::authority_admin_server::AuthorityAdmin for AdminService {
             entries: report.entries,
             checkpoints: report.checkpoints as u32,
             problems: report.problems.iter().map(ToString::to_string).collect(),
+            head_seq: report.head.unwrap_or(0),
+            last_checkpoint_seq: report.last_checkpoint.unwrap_or(0),
+            uncovered_entries: report.uncovered,
         }))
     }
 

@@ -27,8 +27,8 @@ use mabe_proto::v1::{
     AddProxyRequest, CheckpointRequest, CreateAttributeRequest, DecideRequestRequest,
     EnrollRequest, GrantRequest, IssueOfflineRequest, ListAttributesRequest, ListAuditRequest,
     ListProxiesRequest, ListRequestsRequest, ListRotationsRequest, ProxyProgress, RevokeRequest,
-    RotateExpiredRequest, VerifyAuditRequest, authority_admin_client::AuthorityAdminClient,
-    authority_admin_server::AuthorityAdmin as _,
+    RotateExpiredRequest, VerifyAuditRequest, VerifyAuditResponse,
+    authority_admin_client::AuthorityAdminClient, authority_admin_server::AuthorityAdmin as _,
 };
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
@@ -526,6 +526,39 @@ async fn follow_rotation(a: &mut Admin, rotation_id: i64) -> Result<()> {
     }
 }
 
+/// How much of the audit log the newest checkpoint covers: deleting the
+/// entries after it would go unnoticed, so the operator sees the exposure.
+fn coverage_line(report: &VerifyAuditResponse) -> String {
+    let n = report.uncovered_entries;
+    if n == 0 {
+        return if report.last_checkpoint_seq == 0 {
+            "the audit log is empty".to_owned()
+        } else {
+            format!(
+                "every entry is covered by the checkpoint at entry {}",
+                report.last_checkpoint_seq
+            )
+        };
+    }
+    let (entries, verb) = if n == 1 {
+        ("entry", "is")
+    } else {
+        ("entries", "are")
+    };
+    let which = if report.last_checkpoint_seq == 0 {
+        format!("{n} {entries} {verb} not covered by any signed checkpoint")
+    } else {
+        format!(
+            "{n} {entries} after the checkpoint at entry {} {verb} not covered by a signed checkpoint",
+            report.last_checkpoint_seq
+        )
+    };
+    format!(
+        "{which}: their deletion would go undetected; sign one with `audit checkpoint` and \
+         keep a copy elsewhere"
+    )
+}
+
 fn gid_bytes(hex_gid: &str) -> Result<Vec<u8>> {
     let b = hex::decode(hex_gid.trim()).context("a GID is 64 hexadecimal digits")?;
     if b.len() != 32 {
@@ -534,22 +567,39 @@ fn gid_bytes(hex_gid: &str) -> Result<Vec<u8>> {
     Ok(b)
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
+/// Resolves on SIGTERM or SIGINT. The handlers are installed when this is
+/// called, not when the future is first polled: `serve` calls it before it
+/// announces its ports, so a signal sent right after the announcement still
+/// shuts it down gracefully (instead of killing it).
+#[cfg(unix)]
+fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
+    use tokio::signal::unix::{Signal, SignalKind, signal};
+    let install = |kind: SignalKind, name: &str| {
+        signal(kind)
+            .map_err(|e| tracing::warn!(error = %e, "cannot handle {name}"))
+            .ok()
     };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+    let term = install(SignalKind::terminate(), "SIGTERM");
+    let int = install(SignalKind::interrupt(), "SIGINT");
+    async move {
+        let wait = |s: Option<Signal>| async move {
+            match s {
+                Some(mut s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending::<()>().await,
             }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+        };
+        tokio::select! { _ = wait(term) => {}, _ = wait(int) => {} }
+    }
+}
+
+/// Resolves on Ctrl-C.
+#[cfg(not(unix))]
+fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
+    async {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }
 
 async fn run(cli: Cli) -> Result<i32> {
@@ -604,6 +654,7 @@ async fn run(cli: Cli) -> Result<i32> {
                 .await
                 .context("binding the listeners")?;
             let (p, a) = listeners.addrs()?;
+            let shutdown = shutdown_signal();
             tracing::info!(authority = %node.authority_id(), public = %p, admin = %a, store = node.store().backend(), "serving");
             println!("serving {} on {p} (admin {a})", node.authority_id());
             let duties = tokio::spawn(scheduler(
@@ -613,16 +664,23 @@ async fn run(cli: Cli) -> Result<i32> {
                 *drive_rotations_every,
             ));
             let served = serve(
-                node,
+                Arc::clone(&node),
                 listeners,
                 ServeOptions {
                     tls: Some(tls),
                     request_timeout: Duration::from_secs(*request_timeout),
                 },
-                shutdown_signal(),
+                shutdown,
             )
             .await;
             duties.abort();
+            // Cover the newest entries before going away (a checkpoint is
+            // what makes their deletion detectable).
+            match node.checkpoint().await {
+                Ok(Some(cp)) => tracing::info!(seq = cp.seq, "audit checkpoint signed at shutdown"),
+                Ok(None) => {}
+                Err(e) => tracing::warn!(error = %e, "audit checkpoint at shutdown failed"),
+            }
             served?;
             tracing::info!("stopped");
         }
@@ -871,6 +929,7 @@ async fn run(cli: Cli) -> Result<i32> {
                 "{} entries, {} checkpoint(s) checked",
                 report.entries, report.checkpoints
             );
+            println!("{}", coverage_line(&report));
             if report.problems.is_empty() {
                 println!("audit log verifies");
             } else {

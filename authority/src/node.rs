@@ -1150,8 +1150,26 @@ impl Node {
             ts,
             signature: self.identity.sign(&msg).to_bytes().to_vec(),
         };
-        self.store.add_checkpoint(&cp).await?;
-        Ok(Some(cp))
+        match self.store.add_checkpoint(&cp).await {
+            Ok(()) => Ok(Some(cp)),
+            // The head is already covered (an idle node, or another replica
+            // was first): keep the existing checkpoint if it signs this head.
+            Err(StoreError::AlreadyExists(m)) => {
+                let existing = self
+                    .store
+                    .checkpoints()
+                    .await?
+                    .into_iter()
+                    .find(|c| c.seq == seq);
+                match existing {
+                    Some(c) if c.hash == hash => Ok(Some(c)),
+                    _ => Err(NodeError::Conflict(format!(
+                        "{m}, for another hash of that entry: run `audit verify`"
+                    ))),
+                }
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Verify the whole audit log and every checkpoint.

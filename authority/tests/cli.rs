@@ -209,6 +209,50 @@ fn audit_commands_report_an_entry_moved_to_i64_max() {
     assert_eq!(out.status.code(), Some(3));
 }
 
+/// Deleting the newest entries that a checkpoint covers is reported as a
+/// truncation; `audit verify` shows how many entries no checkpoint covers.
+#[test]
+fn audit_verify_reports_truncation_and_uncovered_entries() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("a");
+    init(&dir);
+    ok(&dir, &["attribute", "create", "cardiology"]);
+    let text = ok(&dir, &["audit", "verify"]);
+    assert!(
+        text.contains("2 entries are not covered by any signed checkpoint"),
+        "{text}"
+    );
+    assert!(ok(&dir, &["audit", "checkpoint"]).contains("checkpoint signed at entry 2"));
+    // Again at the same head: the existing checkpoint stands.
+    assert!(ok(&dir, &["audit", "checkpoint"]).contains("checkpoint signed at entry 2"));
+    let text = ok(&dir, &["audit", "verify"]);
+    assert!(
+        text.contains("every entry is covered by the checkpoint at entry 2"),
+        "{text}"
+    );
+    ok(&dir, &["attribute", "create", "nurse"]);
+    let text = ok(&dir, &["audit", "verify"]);
+    assert!(
+        text.contains("1 entry after the checkpoint at entry 2 is not covered"),
+        "{text}"
+    );
+    ok(&dir, &["attribute", "create", "surgeon"]);
+    assert!(ok(&dir, &["audit", "checkpoint"]).contains("checkpoint signed at entry 4"));
+    let c = rusqlite::Connection::open(dir.join("authority.db")).unwrap();
+    c.execute_batch("DELETE FROM audit WHERE seq > 2;").unwrap();
+    drop(c);
+    let out = run(&dir, &["audit", "verify"]);
+    assert_eq!(out.status.code(), Some(3));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(
+            "PROBLEM: the log ends at entry 2 but a signed checkpoint covers entry 4: the newest \
+             entries were deleted"
+        ),
+        "{text}"
+    );
+}
+
 struct Served {
     child: Child,
     public: u16,
@@ -216,6 +260,10 @@ struct Served {
 }
 
 fn serve(dir: &Path) -> Served {
+    serve_with(dir, &[])
+}
+
+fn serve_with(dir: &Path, extra: &[&str]) -> Served {
     let mut child = Command::new(BIN)
         .arg("--data-dir")
         .arg(dir)
@@ -226,6 +274,7 @@ fn serve(dir: &Path) -> Served {
             "--admin-listen",
             "127.0.0.1:0",
         ])
+        .args(extra)
         .env_remove("MABE_KEK")
         .env_remove("MABE_DATABASE_URL")
         .stdout(Stdio::piped())
@@ -581,4 +630,23 @@ fn terminate(child: &mut Child) {
         .args(["-TERM", &child.id().to_string()])
         .status();
     child.wait().unwrap();
+}
+
+/// `serve` signs a checkpoint when it stops, so the entries written while
+/// it ran are covered (their deletion becomes detectable).
+#[test]
+fn serve_signs_a_checkpoint_at_shutdown() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("a");
+    init(&dir);
+    ok(&dir, &["attribute", "create", "cardiology"]);
+    // No scheduled checkpoint: only the one at shutdown.
+    let mut served = serve_with(&dir, &["--checkpoint-every", "0"]);
+    terminate(&mut served.child);
+    let text = ok(&dir, &["audit", "verify"]);
+    assert!(text.contains("1 checkpoint(s) checked"), "{text}");
+    assert!(
+        text.contains("every entry is covered by the checkpoint at entry 2"),
+        "{text}"
+    );
 }

@@ -1,5 +1,6 @@
 //! Hardening of the authority node, over real gRPC with TLS on loopback and
-//! against both backends: audit scans that meet a tampered `seq = i64::MAX`.
+//! against both backends: audit scans that meet a tampered `seq = i64::MAX`,
+//! truncation of the newest audit entries.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::{future::Future, path::PathBuf, sync::Arc, time::Duration};
@@ -9,7 +10,7 @@ use mabe_authority::{
     audit::AuditProblem,
     store::{Store, postgres::PgStore, sqlite::SqliteStore},
 };
-use mabe_proto::v1::ListAuditRequest;
+use mabe_proto::v1::{ListAuditRequest, VerifyAuditRequest};
 
 mod common;
 use common::*;
@@ -86,7 +87,10 @@ macro_rules! both {
     };
 }
 
-both!(audit_scans_stop_at_a_tampered_i64_max,);
+both!(
+    audit_scans_stop_at_a_tampered_i64_max,
+    deleting_the_newest_entries_is_reported_and_exposure_counted,
+);
 
 /// Fails the test instead of hanging on an endless loop.
 async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
@@ -149,5 +153,70 @@ async fn audit_scans_stop_at_a_tampered_i64_max(db: Db) {
     }
     // Nothing can follow it: appending is refused, not wrapped around.
     assert!(r.node.create_attribute("surgeon").await.is_err());
+    r.stop().await;
+}
+
+/// Deleting the newest entries that a checkpoint covers is named as such;
+/// entries after the newest checkpoint are counted, because their deletion
+/// (with any later checkpoint) cannot be seen from inside the database.
+async fn deleting_the_newest_entries_is_reported_and_exposure_counted(db: Db) {
+    let mut r = start(db.store().await).await;
+    let verify = |r: &mut Running| {
+        let req = signed(
+            VerifyAuditRequest {},
+            "hospital-a",
+            &admin_path("VerifyAudit"),
+            &r.admin_key,
+        );
+        let mut admin = r.admin.clone();
+        async move { admin.verify_audit(req).await.unwrap().into_inner() }
+    };
+    // 1 init, 2 and 3 create-attribute.
+    r.node.create_attribute("a").await.unwrap();
+    r.node.create_attribute("b").await.unwrap();
+    let v = verify(&mut r).await;
+    assert_eq!(
+        (v.head_seq, v.last_checkpoint_seq, v.uncovered_entries),
+        (3, 0, 3)
+    );
+    assert_eq!(r.node.checkpoint().await.unwrap().unwrap().seq, 3);
+    // Signing again at the same head keeps the checkpoint there.
+    assert_eq!(r.node.checkpoint().await.unwrap().unwrap().seq, 3);
+    r.node.create_attribute("c").await.unwrap();
+    r.node.create_attribute("d").await.unwrap();
+    let v = verify(&mut r).await;
+    assert!(v.problems.is_empty(), "{:?}", v.problems);
+    assert_eq!(
+        (v.head_seq, v.last_checkpoint_seq, v.uncovered_entries),
+        (5, 3, 2)
+    );
+    assert_eq!(r.node.checkpoint().await.unwrap().unwrap().seq, 5);
+    let v = verify(&mut r).await;
+    assert_eq!((v.last_checkpoint_seq, v.uncovered_entries), (5, 0));
+
+    // The newest two entries go; the checkpoint at 5 still names them.
+    db.exec("DELETE FROM audit WHERE seq > 3").await;
+    let report = r.node.verify_audit().await.unwrap();
+    assert_eq!(
+        report.problems,
+        vec![AuditProblem::Truncated {
+            checkpoint: 5,
+            head: 3
+        }]
+    );
+    let v = verify(&mut r).await;
+    assert_eq!(
+        v.problems,
+        vec![
+            "the log ends at entry 3 but a signed checkpoint covers entry 5: the newest \
+             entries were deleted"
+        ]
+    );
+    // The residual risk (docs/PROTOCOL.md): with that checkpoint deleted as
+    // well, the shorter log is consistent; only a copy kept elsewhere shows it.
+    db.exec("DELETE FROM checkpoints WHERE seq > 3").await;
+    let v = verify(&mut r).await;
+    assert!(v.problems.is_empty(), "{:?}", v.problems);
+    assert_eq!((v.head_seq, v.last_checkpoint_seq), (3, 3));
     r.stop().await;
 }
