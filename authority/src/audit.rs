@@ -15,10 +15,66 @@
 //! a checkpoint on schedule and at shutdown; only a checkpoint kept outside
 //! the database (an external witness) closes the gap.
 
+use std::borrow::Cow;
+
 use ed25519_dalek::{Signature, VerifyingKey};
 use sha2::{Digest, Sha256};
 
 use crate::store::{AuditEntry, AuditEvent, Checkpoint};
+
+/// Longest `kind`, `actor`, `subject` or `attribute` an audit entry stores
+/// (ids, GIDs in hex and attribute names are far shorter).
+pub const MAX_AUDIT_FIELD_BYTES: usize = 1024;
+
+/// Longest `detail` an audit entry stores (a break-glass reason is at most
+/// 2000 bytes; a key issuance lists the issued attributes).
+pub const MAX_AUDIT_DETAIL_BYTES: usize = 64 * 1024;
+
+/// `s` if it has at most `max` bytes; otherwise its start, cut at a
+/// character boundary, followed by a marker that gives the original length,
+/// all in at most `max` bytes.
+pub fn clip(s: &str, max: usize) -> Cow<'_, str> {
+    if s.len() <= max {
+        return Cow::Borrowed(s);
+    }
+    let mut marker = format!("...[truncated, {} bytes]", s.len());
+    if marker.len() > max {
+        marker.clear(); // no room for it
+    }
+    let mut keep = max - marker.len();
+    while !s.is_char_boundary(keep) {
+        keep -= 1;
+    }
+    let mut out = String::with_capacity(keep + marker.len());
+    out.push_str(&s[..keep]);
+    out.push_str(&marker);
+    Cow::Owned(out)
+}
+
+/// `ev` with every text within [`MAX_AUDIT_FIELD_BYTES`] and
+/// [`MAX_AUDIT_DETAIL_BYTES`]. Both stores apply it to every entry before
+/// hashing and storing it, so no caller, authenticated or not, can make an
+/// audit entry large.
+pub fn bounded(ev: &AuditEvent) -> Cow<'_, AuditEvent> {
+    let short = |s: &str| s.len() <= MAX_AUDIT_FIELD_BYTES;
+    let fits = short(&ev.kind)
+        && short(&ev.actor)
+        && ev.subject.as_deref().is_none_or(short)
+        && ev.attribute.as_deref().is_none_or(short)
+        && ev.detail.len() <= MAX_AUDIT_DETAIL_BYTES;
+    if fits {
+        return Cow::Borrowed(ev);
+    }
+    let field = |s: &str| clip(s, MAX_AUDIT_FIELD_BYTES).into_owned();
+    Cow::Owned(AuditEvent {
+        ts: ev.ts,
+        kind: field(&ev.kind),
+        actor: field(&ev.actor),
+        subject: ev.subject.as_deref().map(field),
+        attribute: ev.attribute.as_deref().map(field),
+        detail: clip(&ev.detail, MAX_AUDIT_DETAIL_BYTES).into_owned(),
+    })
+}
 
 fn lp(h: &mut Sha256, b: &[u8]) {
     h.update((b.len() as u32).to_be_bytes());
@@ -272,6 +328,34 @@ mod tests {
             prev_hash,
             event: ev,
         }
+    }
+
+    #[test]
+    fn clip_keeps_short_text_and_marks_cut_text() {
+        assert_eq!(clip("hospital-a", 64), "hospital-a");
+        let long = "é".repeat(1000); // 2000 bytes
+        let c = clip(&long, 100);
+        assert!(c.len() <= 100, "{}", c.len());
+        assert!(c.ends_with("...[truncated, 2000 bytes]"), "{c}");
+        assert!(c.starts_with("éé"));
+        assert_eq!(clip("abcdef", 3).len(), 3);
+    }
+
+    #[test]
+    fn bounded_events_fit_the_limits() {
+        let small = event("ok");
+        assert!(matches!(bounded(&small), Cow::Borrowed(_)));
+        let mut big = event(&"d".repeat(3 << 20));
+        big.actor = "a".repeat(5000);
+        big.subject = Some("s".repeat(5000));
+        big.attribute = Some("x".repeat(10));
+        let b = bounded(&big);
+        assert!(b.detail.len() <= MAX_AUDIT_DETAIL_BYTES);
+        assert!(b.detail.contains("truncated, 3145728 bytes"));
+        assert!(b.actor.len() <= MAX_AUDIT_FIELD_BYTES);
+        assert!(b.subject.as_deref().unwrap().len() <= MAX_AUDIT_FIELD_BYTES);
+        assert_eq!(b.attribute.as_deref(), Some("xxxxxxxxxx"));
+        assert_eq!((b.ts, b.kind.as_str()), (big.ts, "issue"));
     }
 
     /// Regression: an entry after one at `i64::MAX` made `prev_seq + 1`

@@ -231,6 +231,10 @@ struct Signed<'a> {
 /// Longest accepted reason text.
 pub const MAX_REASON_LEN: usize = 2000;
 
+/// Most bytes of a caller's authority id that a refusal repeats (valid ids
+/// have at most 63).
+const MAX_ECHOED_ID_BYTES: usize = 80;
+
 /// Audit entries read per page when the whole log is scanned.
 const AUDIT_PAGE: i64 = 1000;
 
@@ -799,8 +803,11 @@ impl Node {
             NodeError::Unauthenticated(reason)
         };
         if authority != self.id.as_str() {
+            // The caller chose this string (up to the message limit): echo
+            // only as much of it as an authority id can be.
             return Err(refuse(format!(
-                "request is addressed to authority {authority:?}, this is {}",
+                "request is addressed to authority {:?}, this is {}",
+                audit::clip(authority, MAX_ECHOED_ID_BYTES),
                 self.id
             ))
             .await);

@@ -1,6 +1,7 @@
 //! Hardening of the authority node, over real gRPC with TLS on loopback and
 //! against both backends: audit scans that meet a tampered `seq = i64::MAX`,
-//! truncation of the newest audit entries.
+//! truncation of the newest audit entries, size limits on what callers can
+//! write into the audit log.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::{future::Future, path::PathBuf, sync::Arc, time::Duration};
@@ -8,9 +9,14 @@ use std::{future::Future, path::PathBuf, sync::Arc, time::Duration};
 use mabe_authority::{
     admin_client::signed,
     audit::AuditProblem,
+    node::now,
     store::{Store, postgres::PgStore, sqlite::SqliteStore},
 };
-use mabe_proto::v1::{ListAuditRequest, VerifyAuditRequest};
+use mabe_proto::{
+    signing::break_glass_message,
+    v1::{BreakGlassRequest, KeyRequest, ListAuditRequest, VerifyAuditRequest},
+};
+use tonic::Code;
 
 mod common;
 use common::*;
@@ -90,6 +96,7 @@ macro_rules! both {
 both!(
     audit_scans_stop_at_a_tampered_i64_max,
     deleting_the_newest_entries_is_reported_and_exposure_counted,
+    callers_cannot_write_large_audit_entries,
 );
 
 /// Fails the test instead of hanging on an endless loop.
@@ -218,5 +225,60 @@ async fn deleting_the_newest_entries_is_reported_and_exposure_counted(db: Db) {
     let v = verify(&mut r).await;
     assert!(v.problems.is_empty(), "{:?}", v.problems);
     assert_eq!((v.head_seq, v.last_checkpoint_seq), (3, 3));
+    r.stop().await;
+}
+
+/// Refusals of unauthenticated calls are audited, but what the caller chose
+/// is echoed only up to a bound: no caller can write megabytes into the log
+/// (nor into the status message).
+async fn callers_cannot_write_large_audit_entries(db: Db) {
+    let mut r = start(db.store().await).await;
+    let stranger = person("nobody");
+    let huge = "h".repeat(3 << 20);
+    let mut req = key_request(&stranger, &[], now(), &stranger.key);
+    req.authority_id = huge.clone();
+    let err = r.public.fetch_keys(req).await.expect_err("wrong authority");
+    assert_eq!(err.code(), Code::Unauthenticated, "{}", err.message());
+    assert!(err.message().len() < 400, "{}", err.message().len());
+    let entries = r.node.store().audit_entries(1, 1000).await.unwrap();
+    let last = entries.last().unwrap();
+    assert_eq!(last.event.kind, "refusal");
+    assert!(last.event.detail.len() < 400, "{}", last.event.detail.len());
+    assert!(
+        last.event.detail.contains("...[truncated, 3145728 bytes]"),
+        "{}",
+        last.event.detail
+    );
+    assert!(r.node.verify_audit().await.unwrap().problems.is_empty());
+
+    // An oversized break-glass reason is refused before anything is audited.
+    let before = r.node.store().audit_entries(1, 1000).await.unwrap().len();
+    let reason = "r".repeat(1 << 20);
+    let nonce = nonce();
+    let ts = now();
+    let msg = break_glass_message("hospital-a", stranger.gid.as_bytes(), &reason, &nonce, ts);
+    use ed25519_dalek::Signer;
+    let err = r
+        .public
+        .break_glass(BreakGlassRequest {
+            authority_id: "hospital-a".into(),
+            gid: stranger.gid.as_bytes().to_vec(),
+            reason,
+            nonce,
+            timestamp: ts,
+            signature: stranger.key.sign(&msg).to_bytes().to_vec(),
+        })
+        .await
+        .expect_err("oversized reason");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let after = r.node.store().audit_entries(1, 1000).await.unwrap().len();
+    assert_eq!(after, before);
+    // A long multi-byte id is cut at a character boundary.
+    let mut req: KeyRequest = key_request(&stranger, &[], now(), &stranger.key);
+    req.authority_id = format!("hospital-a{}", "\u{1f3e5}".repeat(1000));
+    let err = r.public.fetch_keys(req).await.expect_err("wrong authority");
+    assert_eq!(err.code(), Code::Unauthenticated);
+    let entries = r.node.store().audit_entries(1, 1000).await.unwrap();
+    assert!(entries.last().unwrap().event.detail.len() < 400);
     r.stop().await;
 }

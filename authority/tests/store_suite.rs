@@ -13,7 +13,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use ed25519_dalek::{Signer, SigningKey};
-use mabe_authority::audit::{AuditProblem, Verifier, checkpoint_message, entry_hash};
+use mabe_authority::audit::{
+    AuditProblem, MAX_AUDIT_DETAIL_BYTES, MAX_AUDIT_FIELD_BYTES, Verifier, checkpoint_message,
+    entry_hash,
+};
 use mabe_authority::store::postgres::PgStore;
 use mabe_authority::store::sqlite::SqliteStore;
 use mabe_authority::store::{
@@ -266,6 +269,7 @@ suite!(
     concurrent_writes_with_failures_are_isolated,
     rotation_ends_its_grants_atomically,
     decision_spends_its_nonce_in_the_same_transaction,
+    audit_entries_are_bounded,
 );
 
 // ---------------------------------------------------------------------------
@@ -1392,4 +1396,37 @@ async fn decision_spends_its_nonce_in_the_same_transaction(h: Arc<Harness>) {
             .unwrap()
     );
     assert_eq!(s.holders(DOCTOR).await.unwrap().len(), 1);
+}
+
+/// No caller can make an audit entry large: the store cuts every field to
+/// its limit (with a marker) before hashing, so the chain still verifies and
+/// the returned entry is the stored one.
+async fn audit_entries_are_bounded(h: Arc<Harness>) {
+    let s = h.store();
+    let huge = AuditEvent {
+        actor: "a".repeat(100_000),
+        subject: Some("s".repeat(5_000)),
+        attribute: Some("x@y".repeat(1_000)),
+        detail: "é".repeat(2 << 20), // 4 MiB
+        ..ev("refusal")
+    };
+    let stored = s.append_audit(huge.clone()).await.unwrap();
+    let e = &stored.event;
+    assert!(
+        e.detail.len() <= MAX_AUDIT_DETAIL_BYTES,
+        "{}",
+        e.detail.len()
+    );
+    assert!(e.detail.ends_with("...[truncated, 4194304 bytes]"));
+    assert!(e.actor.len() <= MAX_AUDIT_FIELD_BYTES);
+    assert!(e.actor.ends_with("...[truncated, 100000 bytes]"));
+    assert!(e.subject.as_deref().unwrap().len() <= MAX_AUDIT_FIELD_BYTES);
+    assert!(e.attribute.as_deref().unwrap().len() <= MAX_AUDIT_FIELD_BYTES);
+    assert_eq!((e.kind.as_str(), e.ts), ("refusal", huge.ts));
+    // A small event is stored as given.
+    let small = s.append_audit(ev("issue")).await.unwrap();
+    assert_eq!(small.event, ev("issue"));
+    let entries = all_entries(&*s).await;
+    assert_eq!(entries, vec![stored, small]);
+    assert_chain(&entries, 2);
 }

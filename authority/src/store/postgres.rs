@@ -28,7 +28,7 @@ use super::{
     RotationRecord, RotationState, Store, StoreError, StoreResult, VersionState,
     check_same_snapshot,
 };
-use crate::audit::entry_hash;
+use crate::audit::{bounded, entry_hash};
 
 /// Schema migrations, in order: (version, SQL). Missing ones are applied in
 /// one transaction together with their `schema_version` rows.
@@ -524,7 +524,6 @@ async fn begin_audited(client: &mut Client) -> StoreResult<Transaction<'_>> {
     Ok(tx)
 }
 
-/// Append `ev` to the audit chain inside a transaction from [`begin_audited`].
 /// Progress rows of a rotation (one proxy's, or all, by proxy id).
 async fn progress_rows(
     tx: &Transaction<'_>,
@@ -606,7 +605,11 @@ async fn end_grant(
     Ok(())
 }
 
+/// Append `ev` (within the audit size limits, [`bounded`]) to the audit
+/// chain inside a transaction from [`begin_audited`].
 async fn append(tx: &Transaction<'_>, ev: &AuditEvent) -> StoreResult<AuditEntry> {
+    let within = bounded(ev);
+    let ev: &AuditEvent = &within;
     let last = tx
         .query_opt("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1", &[])
         .await

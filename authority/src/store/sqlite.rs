@@ -25,7 +25,7 @@ use super::{
     RotationRecord, RotationState, Store, StoreError, StoreResult, VersionState,
     check_same_snapshot,
 };
-use crate::audit::entry_hash;
+use crate::audit::{bounded, entry_hash};
 
 /// Schema migrations, in order: (version, SQL). Each is applied once, in its
 /// own transaction together with its `schema_version` row.
@@ -655,8 +655,11 @@ fn exists(conn: &Connection, sql: &str, params: impl rusqlite::Params) -> StoreR
     stmt.exists(params).map_err(db_err)
 }
 
-/// Append `ev` to the audit chain inside the caller's (immediate) transaction.
+/// Append `ev` (within the audit size limits, [`bounded`]) to the audit
+/// chain inside the caller's (immediate) transaction.
 fn append(conn: &Connection, ev: &AuditEvent) -> StoreResult<AuditEntry> {
+    let within = bounded(ev);
+    let ev: &AuditEvent = &within;
     let last: Option<(i64, Vec<u8>)> = conn
         .prepare_cached("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")
         .map_err(db_err)?
