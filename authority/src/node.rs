@@ -292,6 +292,24 @@ impl Node {
         kek: Kek,
         config: NodeConfig,
     ) -> NodeResult<(Node, SigningKey)> {
+        let admin = random_signing_key();
+        let node =
+            Self::init_with_admin_key(store, authority_id, kek, config, admin.verifying_key())
+                .await?;
+        Ok((node, admin))
+    }
+
+    /// Like [`Node::init`], with the admin public key of a key pair the
+    /// caller made (`mabe-authority init` stores the secret half before the
+    /// database is initialised, so that an initialised database always has
+    /// its admin key on disk).
+    pub async fn init_with_admin_key(
+        store: Arc<dyn Store>,
+        authority_id: &str,
+        kek: Kek,
+        config: NodeConfig,
+        admin: VerifyingKey,
+    ) -> NodeResult<Node> {
         let id: AuthorityId = authority_id
             .parse()
             .map_err(|e| NodeError::InvalidArgument(format!("authority id: {e}")))?;
@@ -299,13 +317,12 @@ impl Node {
             return Err(NodeError::AlreadyInitialized);
         }
         let identity = random_signing_key();
-        let admin = random_signing_key();
         let sealed = kek.seal(&mut OsRng, &identity_ad(id.as_str()), identity.as_bytes())?;
         let meta = AuthorityMeta {
             authority_id: id.as_str().to_owned(),
             identity_public_key: identity.verifying_key().to_bytes(),
             identity_secret_sealed: sealed,
-            admin_public_key: admin.verifying_key().to_bytes(),
+            admin_public_key: admin.to_bytes(),
             created_at: now(),
         };
         let mut ev = event("init", "admin");
@@ -318,16 +335,15 @@ impl Node {
             StoreError::AlreadyExists(_) => NodeError::AlreadyInitialized,
             other => other.into(),
         })?;
-        let node = Node {
+        Ok(Node {
             store,
             id,
             identity,
-            admin: admin.verifying_key(),
+            admin,
             kek,
             config,
             secrets: Mutex::new(HashMap::new()),
-        };
-        Ok((node, admin))
+        })
     }
 
     /// Open an initialised authority.

@@ -72,7 +72,15 @@ fn init_writes_private_files_and_refuses_a_second_init() {
     }
     let again = run(&dir, &["init", "--authority-id", "hospital-a"]);
     assert!(!again.status.success());
-    assert!(String::from_utf8_lossy(&again.stderr).contains("not empty"));
+    let err = String::from_utf8_lossy(&again.stderr);
+    assert!(
+        err.contains("not empty: it already holds authority hospital-a"),
+        "{err}"
+    );
+    // Not even under another id; and the first authority is intact.
+    let other = run(&dir, &["init", "--authority-id", "hospital-b"]);
+    assert!(!other.status.success());
+    assert!(ok(&dir, &["info"]).contains("authority id: hospital-a"));
     // A command on a directory that was never initialised says what to do.
     let none = run(&tmp.path().join("missing"), &["attribute", "list"]);
     assert!(!none.status.success());
@@ -207,6 +215,99 @@ fn audit_commands_report_an_entry_moved_to_i64_max() {
     );
     let out = run_within(&dir, &["audit", "verify"], 60);
     assert_eq!(out.status.code(), Some(3));
+}
+
+/// Names in `dir` (sorted), to see what a command left behind.
+fn listing(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// Regression: `init` wrote `authority-id` (unvalidated) and `kek.hex`
+/// before validating the id, so a typo left a directory that every later
+/// `init` refused as "not empty".
+#[test]
+fn init_validates_the_id_before_writing_anything() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("a");
+    for bad in ["Hospital_A", "", "-x", &"a".repeat(64)] {
+        let out = run(&dir, &["init", &format!("--authority-id={bad}")]);
+        assert!(!out.status.success(), "{bad:?} was accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("invalid authority id"), "{bad:?}: {err}");
+        assert!(listing(tmp.path()).is_empty(), "{bad:?} left files behind");
+    }
+    init(&dir);
+}
+
+/// A failure in the middle of `init` (here: the database cannot be reached)
+/// leaves nothing behind, and a retry works.
+#[test]
+fn a_failed_init_leaves_nothing_and_a_retry_works() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("a");
+    let out = run(
+        &dir,
+        &[
+            "--database-url",
+            "postgres://mabe@127.0.0.1:1/nowhere",
+            "init",
+            "--authority-id",
+            "hospital-a",
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(
+        listing(tmp.path()).is_empty(),
+        "left {:?}",
+        listing(tmp.path())
+    );
+    // An empty directory (made by the operator) is fine as a target.
+    std::fs::create_dir(&dir).unwrap();
+    init(&dir);
+    assert_eq!(listing(tmp.path()), vec!["a"]);
+    assert!(ok(&dir, &["audit", "verify"]).contains("audit log verifies"));
+}
+
+/// A crash in the middle of `init` leaves only a hidden staging directory
+/// beside the target: the next `init` removes an incomplete one and starts
+/// over, and moves a complete one (database initialised, keys written, only
+/// the final rename missing) into place.
+#[test]
+fn init_after_a_crash_starts_over_or_finishes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("a");
+    let staging = tmp.path().join(".a.init-staging");
+    // Crash before the database was initialised: id and KEK only.
+    std::fs::create_dir(&staging).unwrap();
+    std::fs::write(staging.join("authority-id"), "hospital-a\n").unwrap();
+    std::fs::write(staging.join("kek.hex"), "00".repeat(32)).unwrap();
+    init(&dir);
+    assert_eq!(listing(tmp.path()), vec!["a"]);
+    let identity = ok(&dir, &["info"]);
+
+    // Crash after the database commit, before the rename.
+    std::fs::rename(&dir, &staging).unwrap();
+    let out = ok(&dir, &["init", "--authority-id", "hospital-a"]);
+    assert!(out.contains("finished an interrupted init"), "{out}");
+    assert_eq!(listing(tmp.path()), vec!["a"]);
+    assert_eq!(ok(&dir, &["info"]), identity, "the same authority");
+    assert!(ok(&dir, &["audit", "verify"]).contains("audit log verifies"));
+
+    // A complete staging directory of another authority is not discarded.
+    std::fs::rename(&dir, &staging).unwrap();
+    let out = run(&dir, &["init", "--authority-id", "hospital-b"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("interrupted init of authority hospital-a"),
+        "{err}"
+    );
+    assert!(staging.join("admin.key").exists());
 }
 
 /// Deleting the newest entries that a checkpoint covers is reported as a

@@ -41,6 +41,9 @@ const MIGRATIONS: &[(i64, &str)] = &[
 /// How long a writer waits for another process's write lock.
 const BUSY_TIMEOUT: Duration = Duration::from_millis(5000);
 
+/// How long [`SqliteStore::close`] waits for background writes to finish.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// An authority store in one SQLite database file.
 ///
 /// Cheap to clone: clones share the connection.
@@ -216,6 +219,39 @@ impl SqliteStore {
             draining: Arc::new(AtomicBool::new(false)),
             location: location.into(),
         })
+    }
+
+    /// Close the database, so that its files (database and WAL) are
+    /// complete and may be moved: waits up to 10 s for background writes to
+    /// let go of the connection. Fails if another clone of this store is
+    /// still in use after that.
+    pub async fn close(self) -> StoreResult<()> {
+        let deadline = tokio::time::Instant::now() + CLOSE_TIMEOUT;
+        let mut conn = self.conn;
+        loop {
+            match Arc::try_unwrap(conn) {
+                Ok(mutex) => {
+                    let c = mutex.into_inner().map_err(|_| {
+                        StoreError::Backend(
+                            "the SQLite connection is unusable: a previous operation panicked \
+                             while holding it"
+                                .to_owned(),
+                        )
+                    })?;
+                    return c.close().map_err(|(_, e)| db_err(e));
+                }
+                Err(shared) => {
+                    if tokio::time::Instant::now() >= deadline {
+                        return Err(StoreError::Backend(format!(
+                            "cannot close {}: the connection is still in use",
+                            self.location
+                        )));
+                    }
+                    conn = shared;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        }
     }
 
     /// Run `f` with the connection on the blocking thread pool.
