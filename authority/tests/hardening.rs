@@ -1,7 +1,7 @@
 //! Hardening of the authority node, over real gRPC with TLS on loopback and
 //! against both backends: audit scans that meet a tampered `seq = i64::MAX`,
 //! truncation of the newest audit entries, size limits on what callers can
-//! write into the audit log.
+//! write into the audit log, the health status during shutdown.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::{future::Future, path::PathBuf, sync::Arc, time::Duration};
@@ -281,4 +281,52 @@ async fn callers_cannot_write_large_audit_entries(db: Db) {
     let entries = r.node.store().audit_entries(1, 1000).await.unwrap();
     assert!(entries.last().unwrap().event.detail.len() < 400);
     r.stop().await;
+}
+
+/// Graceful shutdown first turns the health status to NOT_SERVING (a
+/// watcher sees it), then drains; an open Watch stream ends instead of
+/// holding the drain up forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_turns_not_serving_when_shutdown_starts() {
+    use tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
+    let db = Db::sqlite().await;
+    let mut r = start(db.store().await).await;
+    let mut health = HealthClient::new(r.public_channel.clone());
+    for service in ["", "mabe.v1.Authority"] {
+        let s = health
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(s.status(), ServingStatus::Serving, "{service:?}");
+    }
+    let mut watch = health
+        .watch(HealthCheckRequest {
+            service: "mabe.v1.Authority".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = watch.message().await.unwrap().unwrap();
+    assert_eq!(first.status(), ServingStatus::Serving);
+    let _ = r.stop.take().map(|s| s.send(()));
+    let next = tokio::time::timeout(Duration::from_secs(20), watch.message())
+        .await
+        .expect("a status change when shutdown starts")
+        .unwrap()
+        .unwrap();
+    assert_eq!(next.status(), ServingStatus::NotServing);
+    // The stream ends and the server finishes draining.
+    let end = tokio::time::timeout(Duration::from_secs(20), watch.message())
+        .await
+        .expect("the watch stream ends");
+    assert!(matches!(end, Ok(None) | Err(_)), "{end:?}");
+    tokio::time::timeout(Duration::from_secs(20), &mut r.task)
+        .await
+        .expect("the server drains")
+        .unwrap();
 }

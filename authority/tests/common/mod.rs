@@ -28,6 +28,8 @@ pub struct Running {
     pub node: Arc<Node>,
     pub admin_key: SigningKey,
     pub public: AuthorityClient<Channel>,
+    /// The public listener's channel (for other services on it, e.g. health).
+    pub public_channel: Channel,
     pub admin: AuthorityAdminClient<Channel>,
     pub stop: Option<tokio::sync::oneshot::Sender<()>>,
     pub task: tokio::task::JoinHandle<()>,
@@ -87,8 +89,10 @@ pub async fn start_with(store: Arc<dyn Store>, config: NodeConfig) -> Running {
         .unwrap();
     });
     let cert = ck.cert.pem().into_bytes();
+    let public_channel = channel(p.port(), &cert).await;
     Running {
-        public: AuthorityClient::new(channel(p.port(), &cert).await),
+        public: AuthorityClient::new(public_channel.clone()),
+        public_channel,
         admin: AuthorityAdminClient::new(channel(a.port(), &cert).await),
         node,
         admin_key,
