@@ -292,18 +292,25 @@ impl v1::authority_admin_server::AuthorityAdmin for AdminService {
     ) -> Result<Response<ListAttributesResponse>, Status> {
         self.authorize(&format!("{ADMIN}ListAttributes"), &req)
             .await?;
-        let list = self.node.attributes().await.map_err(status)?;
+        let r = req.get_ref();
+        let page = self
+            .node
+            .attributes_page(&r.page_token, r.page_size)
+            .await
+            .map_err(status)?;
         Ok(Response::new(ListAttributesResponse {
-            attributes: list
+            attributes: page
+                .items
                 .into_iter()
                 .map(|(r, holders)| AttributeInfo {
                     attribute: r.attribute,
                     version: r.version,
                     state: r.state.as_str().into(),
                     created_at: r.created_at,
-                    holders: holders as u32,
+                    holders: u32::try_from(holders).unwrap_or(u32::MAX),
                 })
                 .collect(),
+            next_page_token: page.next.unwrap_or_default(),
         }))
     }
 
@@ -379,9 +386,15 @@ impl v1::authority_admin_server::AuthorityAdmin for AdminService {
                     Status::invalid_argument("state is pending, approved or denied")
                 })?),
             };
-        let list = self.node.requests(state).await.map_err(status)?;
+        let r = req.get_ref();
+        let page = self
+            .node
+            .requests_page(state, &r.page_token, r.page_size)
+            .await
+            .map_err(status)?;
         Ok(Response::new(ListRequestsResponse {
-            requests: list.into_iter().map(request_info).collect(),
+            requests: page.items.into_iter().map(request_info).collect(),
+            next_page_token: page.next.unwrap_or_default(),
         }))
     }
 

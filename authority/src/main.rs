@@ -527,6 +527,19 @@ async fn follow_rotation(a: &mut Admin, rotation_id: i64) -> Result<()> {
     }
 }
 
+/// Move `token` to the next page's token; `false` after the last page. A
+/// token that does not change would repeat a page forever: refused.
+fn next_page(token: &mut String, next: String) -> Result<bool> {
+    if next.is_empty() {
+        return Ok(false);
+    }
+    if next == *token {
+        bail!("the authority returned the same page token twice; stopping");
+    }
+    *token = next;
+    Ok(true)
+}
+
 /// How much of the audit log the newest checkpoint covers: deleting the
 /// entries after it would go unnoticed, so the operator sees the exposure.
 fn coverage_line(report: &VerifyAuditResponse) -> String {
@@ -887,17 +900,22 @@ async fn run(cli: Cli) -> Result<i32> {
         }
         Command::Attribute(AttributeCmd::List) => {
             let mut a = admin(&cli, &dir).await?;
-            let list = admin_call!(
-                &mut a,
-                list_attributes,
-                "ListAttributes",
-                ListAttributesRequest {}
-            )?;
-            for r in list.attributes {
-                println!(
-                    "{:<40} v{:<4} {:<10} {} holder(s)",
-                    r.attribute, r.version, r.state, r.holders
-                );
+            let mut page_token = String::new();
+            loop {
+                let req = ListAttributesRequest {
+                    page_token: page_token.clone(),
+                    page_size: 0,
+                };
+                let list = admin_call!(&mut a, list_attributes, "ListAttributes", req)?;
+                for r in list.attributes {
+                    println!(
+                        "{:<40} v{:<4} {:<10} {} holder(s)",
+                        r.attribute, r.version, r.state, r.holders
+                    );
+                }
+                if !next_page(&mut page_token, list.next_page_token)? {
+                    break;
+                }
             }
         }
         Command::Enroll {
@@ -990,21 +1008,27 @@ async fn run(cli: Cli) -> Result<i32> {
                 Some(_) => bail!("--state is pending, approved or denied"),
             };
             let mut a = admin(&cli, &dir).await?;
-            let list = admin_call!(
-                &mut a,
-                list_requests,
-                "ListRequests",
-                ListRequestsRequest { state }
-            )?;
-            for r in list.requests {
-                println!(
-                    "#{:<5} {:<9} {} wants {}: {}",
-                    r.id,
-                    r.state,
-                    hex::encode(r.gid),
-                    r.attribute,
-                    r.reason
-                );
+            let mut page_token = String::new();
+            loop {
+                let req = ListRequestsRequest {
+                    state: state.clone(),
+                    page_token: page_token.clone(),
+                    page_size: 0,
+                };
+                let list = admin_call!(&mut a, list_requests, "ListRequests", req)?;
+                for r in list.requests {
+                    println!(
+                        "#{:<5} {:<9} {} wants {}: {}",
+                        r.id,
+                        r.state,
+                        hex::encode(r.gid),
+                        r.attribute,
+                        r.reason
+                    );
+                }
+                if !next_page(&mut page_token, list.next_page_token)? {
+                    break;
+                }
             }
         }
         Command::Approve { id, note } | Command::Deny { id, note } => {

@@ -23,8 +23,8 @@ use crate::{
     seal::{Kek, SealError, attribute_ad, identity_ad, update_ad},
     store::{
         AttributeRecord, AuditEntry, AuditEvent, AuthorityMeta, Checkpoint, GrantRecord,
-        NewRotation, NonceUse, PersonRecord, RequestRecord, RequestState, RotationRecord, Store,
-        StoreError, VersionState,
+        NewRotation, NonceUse, PersonRecord, RequestFilter, RequestRecord, RequestState,
+        RotationRecord, Store, StoreError, VersionState,
     },
 };
 
@@ -234,6 +234,46 @@ pub const MAX_REASON_LEN: usize = 2000;
 /// Most bytes of a caller's authority id that a refusal repeats (valid ids
 /// have at most 63).
 const MAX_ECHOED_ID_BYTES: usize = 80;
+
+/// Largest page of a listing (`ListAttributes`, `ListRequests`), also the
+/// size of a page asked for with size 0: 500 requests with the longest
+/// reason and note stay well under the 4 MiB message limit.
+pub const MAX_PAGE_SIZE: u32 = 500;
+
+/// One page of a listing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Page<T> {
+    /// The items, in the listing's order.
+    pub items: Vec<T>,
+    /// Opaque token of the next page; `None` after the last page.
+    pub next: Option<String>,
+}
+
+/// The store's limit for a page of `size` (0: the largest), one more than
+/// the page so that a full page knows whether another follows.
+fn page_limit(size: u32) -> (usize, i64) {
+    let size = match size {
+        0 => MAX_PAGE_SIZE,
+        n => n.min(MAX_PAGE_SIZE),
+    };
+    (size as usize, i64::from(size) + 1)
+}
+
+/// Cut `items` to `size` and give the token of the next page, made from the
+/// last item kept, if more items followed.
+fn paged<T>(mut items: Vec<T>, size: usize, token: impl Fn(&T) -> String) -> Page<T> {
+    let next = if items.len() > size {
+        items.truncate(size);
+        items.last().map(token)
+    } else {
+        None
+    };
+    Page { items, next }
+}
+
+fn bad_token() -> NodeError {
+    NodeError::InvalidArgument("page_token was not issued by this listing".into())
+}
 
 /// Audit entries read per page when the whole log is scanned.
 const AUDIT_PAGE: i64 = 1000;
@@ -493,6 +533,48 @@ impl Node {
             out.push((r, holders));
         }
         Ok(out)
+    }
+
+    /// One page of [`Node::attributes`], by attribute then version: from
+    /// the start (empty `token`) or from a previous page's `next` token.
+    pub async fn attributes_page(
+        &self,
+        token: &str,
+        size: u32,
+    ) -> NodeResult<Page<(AttributeRecord, usize)>> {
+        // Token: "a1." ‖ hex(attribute) ‖ "." ‖ version of the last item.
+        let after = match token {
+            "" => None,
+            t => {
+                let (attr_hex, version) = t
+                    .strip_prefix("a1.")
+                    .and_then(|rest| rest.split_once('.'))
+                    .ok_or_else(bad_token)?;
+                let attr = hex::decode(attr_hex)
+                    .ok()
+                    .and_then(|b| String::from_utf8(b).ok())
+                    .ok_or_else(bad_token)?;
+                let version: u32 = version.parse().map_err(|_| bad_token())?;
+                Some((attr, version))
+            }
+        };
+        let (size, limit) = page_limit(size);
+        let recs = self
+            .store
+            .attributes_page(after.as_ref().map(|(a, v)| (a.as_str(), *v)), limit)
+            .await?;
+        let mut items = Vec::with_capacity(recs.len());
+        for r in recs {
+            let holders = if r.state == VersionState::Current {
+                self.store.holders(&r.attribute).await?.len()
+            } else {
+                0
+            };
+            items.push((r, holders));
+        }
+        Ok(paged(items, size, |(r, _)| {
+            format!("a1.{}.{}", hex::encode(&r.attribute), r.version)
+        }))
     }
 
     async fn current(&self, attribute: &str) -> NodeResult<AttributeRecord> {
@@ -1005,6 +1087,31 @@ impl Node {
     /// Requests, optionally only those in one state.
     pub async fn requests(&self, state: Option<RequestState>) -> NodeResult<Vec<RequestRecord>> {
         Ok(self.store.requests(state).await?)
+    }
+
+    /// One page of [`Node::requests`], by id: from the start (empty
+    /// `token`) or from a previous page's `next` token.
+    pub async fn requests_page(
+        &self,
+        state: Option<RequestState>,
+        token: &str,
+        size: u32,
+    ) -> NodeResult<Page<RequestRecord>> {
+        // Token: "r1." ‖ id of the last item.
+        let after = match token {
+            "" => 0,
+            t => t
+                .strip_prefix("r1.")
+                .and_then(|id| id.parse::<i64>().ok())
+                .ok_or_else(bad_token)?,
+        };
+        let (size, limit) = page_limit(size);
+        let filter = RequestFilter {
+            state,
+            attribute: None,
+        };
+        let items = self.store.requests_page(&filter, after, limit).await?;
+        Ok(paged(items, size, |r| format!("r1.{}", r.id)))
     }
 
     /// Approve or deny a pending request (approval creates the grant).

@@ -1,7 +1,7 @@
 //! Hardening of the authority node, over real gRPC with TLS on loopback and
 //! against both backends: audit scans that meet a tampered `seq = i64::MAX`,
 //! truncation of the newest audit entries, size limits on what callers can
-//! write into the audit log, the health status during shutdown.
+//! write into the audit log, the health status during shutdown, paged listings.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::{future::Future, path::PathBuf, sync::Arc, time::Duration};
@@ -9,12 +9,15 @@ use std::{future::Future, path::PathBuf, sync::Arc, time::Duration};
 use mabe_authority::{
     admin_client::signed,
     audit::AuditProblem,
-    node::now,
-    store::{Store, postgres::PgStore, sqlite::SqliteStore},
+    node::{MAX_PAGE_SIZE, now},
+    store::{AuditEvent, Store, postgres::PgStore, sqlite::SqliteStore},
 };
 use mabe_proto::{
     signing::break_glass_message,
-    v1::{BreakGlassRequest, KeyRequest, ListAuditRequest, VerifyAuditRequest},
+    v1::{
+        BreakGlassRequest, KeyRequest, ListAttributesRequest, ListAuditRequest,
+        ListRequestsRequest, VerifyAuditRequest,
+    },
 };
 use tonic::Code;
 
@@ -97,6 +100,7 @@ both!(
     audit_scans_stop_at_a_tampered_i64_max,
     deleting_the_newest_entries_is_reported_and_exposure_counted,
     callers_cannot_write_large_audit_entries,
+    attributes_and_requests_are_listed_in_pages,
 );
 
 /// Fails the test instead of hanging on an endless loop.
@@ -280,6 +284,141 @@ async fn callers_cannot_write_large_audit_entries(db: Db) {
     assert_eq!(err.code(), Code::Unauthenticated);
     let entries = r.node.store().audit_entries(1, 1000).await.unwrap();
     assert!(entries.last().unwrap().event.detail.len() < 400);
+    r.stop().await;
+}
+
+/// ListAttributes and ListRequests come in pages of at most
+/// [`MAX_PAGE_SIZE`]; following `next_page_token` yields every item once,
+/// in order.
+async fn attributes_and_requests_are_listed_in_pages(db: Db) {
+    let r = start(db.store().await).await;
+    for name in ["e", "a", "g", "c", "b", "f", "d"] {
+        r.node.create_attribute(name).await.unwrap();
+    }
+    let doc = person("19012345601");
+    let p = r
+        .node
+        .enroll(
+            "big-register",
+            "19012345601",
+            &doc.key.verifying_key().to_bytes(),
+            &[],
+        )
+        .await
+        .unwrap();
+    r.node.grant(&p.gid, "c", None, "admin").await.unwrap();
+    r.node.revoke(&p.gid, "c").await.unwrap(); // c gets version 2
+    let list_attributes = |r: &Running, page_token: String, page_size: u32| {
+        let req = signed(
+            ListAttributesRequest {
+                page_token,
+                page_size,
+            },
+            "hospital-a",
+            &admin_path("ListAttributes"),
+            &r.admin_key,
+        );
+        let mut admin = r.admin.clone();
+        async move { admin.list_attributes(req).await.map(|x| x.into_inner()) }
+    };
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    let mut pages = 0;
+    loop {
+        let page = list_attributes(&r, token.clone(), 3).await.unwrap();
+        assert!(page.attributes.len() <= 3);
+        pages += 1;
+        seen.extend(
+            page.attributes
+                .iter()
+                .map(|a| (a.attribute.clone(), a.version)),
+        );
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    let all: Vec<(String, u32)> = r
+        .node
+        .attributes()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(a, _)| (a.attribute, a.version))
+        .collect();
+    assert_eq!(all.len(), 8);
+    assert_eq!(seen, all);
+    assert_eq!(pages, 3);
+    let one = list_attributes(&r, String::new(), 0).await.unwrap();
+    assert_eq!(one.attributes.len(), 8);
+    assert!(one.next_page_token.is_empty());
+    for bad in ["x", "a1.zz.1", "a1.61", "r1.5"] {
+        let err = list_attributes(&r, bad.into(), 2).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{bad}");
+    }
+
+    // More requests than the largest page.
+    let n = MAX_PAGE_SIZE as usize + 7;
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let store = Arc::clone(r.node.store());
+        let gid = p.gid;
+        tasks.push(tokio::spawn(async move {
+            let ev = AuditEvent {
+                ts: now(),
+                kind: "request".into(),
+                actor: hex::encode(gid),
+                subject: Some(hex::encode(gid)),
+                attribute: Some("a@hospital-a".into()),
+                detail: format!("reason: study {i}"),
+            };
+            store
+                .create_request(&gid, "a@hospital-a", "study", now(), ev)
+                .await
+                .unwrap()
+                .id
+        }));
+    }
+    let mut ids = Vec::new();
+    for t in tasks {
+        ids.push(t.await.unwrap());
+    }
+    ids.sort_unstable();
+    let list_requests = |r: &Running, page_token: String, page_size: u32| {
+        let req = signed(
+            ListRequestsRequest {
+                state: "pending".into(),
+                page_token,
+                page_size,
+            },
+            "hospital-a",
+            &admin_path("ListRequests"),
+            &r.admin_key,
+        );
+        let mut admin = r.admin.clone();
+        async move { admin.list_requests(req).await.map(|x| x.into_inner()) }
+    };
+    for size in [0, MAX_PAGE_SIZE, 100_000] {
+        let first = list_requests(&r, String::new(), size).await.unwrap();
+        assert_eq!(first.requests.len(), MAX_PAGE_SIZE as usize, "size {size}");
+        let second = list_requests(&r, first.next_page_token, size)
+            .await
+            .unwrap();
+        assert_eq!(second.requests.len(), 7);
+        assert!(second.next_page_token.is_empty());
+        let got: Vec<i64> = first
+            .requests
+            .iter()
+            .chain(&second.requests)
+            .map(|q| q.id)
+            .collect();
+        assert_eq!(got, ids);
+    }
+    let small = list_requests(&r, String::new(), 2).await.unwrap();
+    assert_eq!(small.requests.len(), 2);
+    assert_eq!(small.next_page_token, format!("r1.{}", ids[1]));
+    let err = list_requests(&r, "r1.x".into(), 2).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
     r.stop().await;
 }
 

@@ -21,8 +21,8 @@ use mabe_authority::store::postgres::PgStore;
 use mabe_authority::store::sqlite::SqliteStore;
 use mabe_authority::store::{
     AttributeRecord, AuditEntry, AuditEvent, AuthorityMeta, Checkpoint, GrantRecord, NewRotation,
-    NonceUse, PersonRecord, RequestState, RotationState, Store, StoreError, StoreResult,
-    VersionState,
+    NonceUse, PersonRecord, RequestFilter, RequestState, RotationState, Store, StoreError,
+    StoreResult, VersionState,
 };
 
 // ---------------------------------------------------------------------------
@@ -270,6 +270,7 @@ suite!(
     rotation_ends_its_grants_atomically,
     decision_spends_its_nonce_in_the_same_transaction,
     audit_entries_are_bounded,
+    attributes_and_requests_come_in_pages,
 );
 
 // ---------------------------------------------------------------------------
@@ -1429,4 +1430,119 @@ async fn audit_entries_are_bounded(h: Arc<Harness>) {
     let entries = all_entries(&*s).await;
     assert_eq!(entries, vec![stored, small]);
     assert_chain(&entries, 2);
+}
+
+/// Attribute versions and requests are listed in pages (keyset paging: a
+/// page starts after the last item of the one before), with filters.
+async fn attributes_and_requests_come_in_pages(h: Arc<Harness>) {
+    let s = h.store();
+    for a in [NURSE, DOCTOR, "admin@hospital-a"] {
+        s.create_attribute(&attr(a, 1), ev("create-attribute"))
+            .await
+            .unwrap();
+    }
+    s.rotate_attribute(&attr(DOCTOR, 2), &rot(), ev("rotate"))
+        .await
+        .unwrap();
+    let key = |r: &AttributeRecord| (r.attribute.clone(), r.version);
+    let all: Vec<(String, u32)> = s.attributes().await.unwrap().iter().map(key).collect();
+    assert_eq!(all.len(), 4);
+    let mut paged = Vec::new();
+    let mut after: Option<(String, u32)> = None;
+    loop {
+        let page = s
+            .attributes_page(after.as_ref().map(|(a, v)| (a.as_str(), *v)), 3)
+            .await
+            .unwrap();
+        assert!(page.len() <= 3);
+        let Some(last) = page.last() else { break };
+        after = Some(key(last));
+        paged.extend(page.iter().map(key));
+    }
+    assert_eq!(paged, all, "pages are the whole listing, in order");
+    assert_eq!(
+        s.attributes_page(Some((DOCTOR, 1)), 1).await.unwrap()[0].version,
+        2
+    );
+    assert!(s.attributes_page(None, 0).await.unwrap().is_empty());
+    let rotations = s.attribute_rotations(DOCTOR).await.unwrap();
+    assert_eq!(
+        rotations
+            .iter()
+            .map(|r| (r.from_version, r.to_version))
+            .collect::<Vec<_>>(),
+        vec![(1, 2)]
+    );
+    assert!(s.attribute_rotations(NURSE).await.unwrap().is_empty());
+
+    for n in 1..=3 {
+        s.enroll(&person(n), ev("enroll")).await.unwrap();
+    }
+    let mut ids = Vec::new();
+    for (n, a) in [
+        (1, DOCTOR),
+        (2, NURSE),
+        (3, DOCTOR),
+        (1, NURSE),
+        (2, DOCTOR),
+    ] {
+        let r = s
+            .create_request(&[n; 32], a, "work", 100, ev("request"))
+            .await
+            .unwrap();
+        ids.push(r.id);
+    }
+    s.decide_request(ids[0], true, "admin", "", 200, ev("approve"), None)
+        .await
+        .unwrap();
+    let all = RequestFilter::default();
+    let pending = RequestFilter {
+        state: Some(RequestState::Pending),
+        attribute: None,
+    };
+    let pending_doctor = RequestFilter {
+        state: Some(RequestState::Pending),
+        attribute: Some(DOCTOR.to_owned()),
+    };
+    let page_ids = |p: Vec<mabe_authority::store::RequestRecord>| -> Vec<i64> {
+        p.iter().map(|r| r.id).collect()
+    };
+    assert_eq!(
+        page_ids(s.requests_page(&all, 0, 2).await.unwrap()),
+        ids[..2]
+    );
+    assert_eq!(
+        page_ids(s.requests_page(&all, ids[1], 2).await.unwrap()),
+        ids[2..4]
+    );
+    assert_eq!(
+        page_ids(s.requests_page(&all, ids[3], 2).await.unwrap()),
+        ids[4..]
+    );
+    assert!(s.requests_page(&all, ids[4], 2).await.unwrap().is_empty());
+    assert!(s.requests_page(&all, 0, 0).await.unwrap().is_empty());
+    assert_eq!(
+        page_ids(s.requests_page(&pending, 0, 10).await.unwrap()),
+        ids[1..]
+    );
+    assert_eq!(
+        page_ids(s.requests_page(&pending_doctor, 0, 10).await.unwrap()),
+        vec![ids[2], ids[4]]
+    );
+    assert_eq!(
+        page_ids(s.requests_page(&pending_doctor, ids[2], 10).await.unwrap()),
+        vec![ids[4]]
+    );
+    assert_eq!(s.count_requests(&all).await.unwrap(), 5);
+    assert_eq!(s.count_requests(&pending).await.unwrap(), 4);
+    assert_eq!(s.count_requests(&pending_doctor).await.unwrap(), 2);
+    assert_eq!(
+        s.count_requests(&RequestFilter {
+            state: Some(RequestState::Denied),
+            attribute: None
+        })
+        .await
+        .unwrap(),
+        0
+    );
 }

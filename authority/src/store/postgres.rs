@@ -24,8 +24,8 @@ use tokio_postgres::{Client, NoTls, Row, Transaction};
 
 use super::{
     AttributeRecord, AuditEntry, AuditEvent, AuthorityMeta, Checkpoint, GrantRecord, NewRotation,
-    NonceUse, PersonRecord, ProxyRecord, RequestRecord, RequestState, RotationProgress,
-    RotationRecord, RotationState, Store, StoreError, StoreResult, VersionState,
+    NonceUse, PersonRecord, ProxyRecord, RequestFilter, RequestRecord, RequestState,
+    RotationProgress, RotationRecord, RotationState, Store, StoreError, StoreResult, VersionState,
     check_same_snapshot,
 };
 use crate::audit::{bounded, entry_hash};
@@ -979,6 +979,42 @@ impl Store for PgStore {
         rows.iter().map(attr_from).collect()
     }
 
+    async fn attributes_page(
+        &self,
+        after: Option<(&str, u32)>,
+        limit: i64,
+    ) -> StoreResult<Vec<AttributeRecord>> {
+        if limit <= 0 {
+            return Ok(Vec::new());
+        }
+        // ('', 0) sorts before every attribute: names are never empty.
+        let (attribute, version) = after.unwrap_or(("", 0));
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT {ATTR_COLS} FROM attributes WHERE (attribute, version) > ($1, $2)
+                     ORDER BY attribute, version LIMIT $3"
+                ),
+                &[&attribute, &i64::from(version), &limit],
+            )
+            .await
+            .map_err(pg_err)?;
+        rows.iter().map(attr_from).collect()
+    }
+
+    async fn attribute_rotations(&self, attribute: &str) -> StoreResult<Vec<RotationRecord>> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                &format!("SELECT {ROTATION_COLS} FROM rotations WHERE attribute = $1 ORDER BY id"),
+                &[&attribute],
+            )
+            .await
+            .map_err(pg_err)?;
+        rows.iter().map(rotation_from).collect()
+    }
+
     async fn enroll(&self, p: &PersonRecord, ev: AuditEvent) -> StoreResult<()> {
         let p_owned: PersonRecord = p.clone();
         self.write(move |tx| {
@@ -1317,6 +1353,48 @@ impl Store for PgStore {
             .await
             .map_err(pg_err)?;
         rows.iter().map(request_from).collect()
+    }
+
+    async fn requests_page(
+        &self,
+        filter: &RequestFilter,
+        after_id: i64,
+        limit: i64,
+    ) -> StoreResult<Vec<RequestRecord>> {
+        if limit <= 0 {
+            return Ok(Vec::new());
+        }
+        let state = filter.state.map(RequestState::as_str);
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT {REQUEST_COLS} FROM requests
+                     WHERE ($1::TEXT IS NULL OR state = $1::TEXT)
+                       AND ($2::TEXT IS NULL OR attribute = $2::TEXT)
+                       AND id > $3
+                     ORDER BY id LIMIT $4"
+                ),
+                &[&state, &filter.attribute, &after_id, &limit],
+            )
+            .await
+            .map_err(pg_err)?;
+        rows.iter().map(request_from).collect()
+    }
+
+    async fn count_requests(&self, filter: &RequestFilter) -> StoreResult<i64> {
+        let state = filter.state.map(RequestState::as_str);
+        let client = self.client().await?;
+        let row = client
+            .query_one(
+                "SELECT COUNT(*) FROM requests
+                 WHERE ($1::TEXT IS NULL OR state = $1::TEXT)
+                   AND ($2::TEXT IS NULL OR attribute = $2::TEXT)",
+                &[&state, &filter.attribute],
+            )
+            .await
+            .map_err(pg_err)?;
+        get(&row, 0)
     }
 
     async fn decide_request(

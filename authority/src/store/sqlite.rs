@@ -21,8 +21,8 @@ use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 
 use super::{
     AttributeRecord, AuditEntry, AuditEvent, AuthorityMeta, Checkpoint, GrantRecord, NewRotation,
-    NonceUse, PersonRecord, ProxyRecord, RequestRecord, RequestState, RotationProgress,
-    RotationRecord, RotationState, Store, StoreError, StoreResult, VersionState,
+    NonceUse, PersonRecord, ProxyRecord, RequestFilter, RequestRecord, RequestState,
+    RotationProgress, RotationRecord, RotationState, Store, StoreError, StoreResult, VersionState,
     check_same_snapshot,
 };
 use crate::audit::{bounded, entry_hash};
@@ -1123,6 +1123,45 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn attributes_page(
+        &self,
+        after: Option<(&str, u32)>,
+        limit: i64,
+    ) -> StoreResult<Vec<AttributeRecord>> {
+        if limit <= 0 {
+            return Ok(Vec::new());
+        }
+        // ('', 0) sorts before every attribute: names are never empty.
+        let (attribute, version) = after.map_or((String::new(), 0), |(a, v)| (a.to_owned(), v));
+        self.call(move |conn| {
+            query_all(
+                conn,
+                &format!(
+                    "SELECT {ATTR_COLS} FROM attributes WHERE (attribute, version) > (?1, ?2)
+                     ORDER BY attribute, version LIMIT ?3"
+                ),
+                params![attribute, i64::from(version), limit],
+                attr_row,
+                attr_from,
+            )
+        })
+        .await
+    }
+
+    async fn attribute_rotations(&self, attribute: &str) -> StoreResult<Vec<RotationRecord>> {
+        let attribute = attribute.to_owned();
+        self.call(move |conn| {
+            query_all(
+                conn,
+                &format!("SELECT {ROTATION_COLS} FROM rotations WHERE attribute = ?1 ORDER BY id"),
+                params![attribute],
+                rotation_row,
+                rotation_from,
+            )
+        })
+        .await
+    }
+
     async fn enroll(&self, person: &PersonRecord, ev: AuditEvent) -> StoreResult<()> {
         let p = person.clone();
         self.write(move |tx| {
@@ -1447,6 +1486,49 @@ impl Store for SqliteStore {
                 request_row,
                 request_from,
             )
+        })
+        .await
+    }
+
+    async fn requests_page(
+        &self,
+        filter: &RequestFilter,
+        after_id: i64,
+        limit: i64,
+    ) -> StoreResult<Vec<RequestRecord>> {
+        if limit <= 0 {
+            return Ok(Vec::new());
+        }
+        let state = filter.state.map(RequestState::as_str);
+        let attribute = filter.attribute.clone();
+        self.call(move |conn| {
+            query_all(
+                conn,
+                &format!(
+                    "SELECT {REQUEST_COLS} FROM requests
+                     WHERE (?1 IS NULL OR state = ?1) AND (?2 IS NULL OR attribute = ?2)
+                       AND id > ?3
+                     ORDER BY id LIMIT ?4"
+                ),
+                params![state, attribute, after_id, limit],
+                request_row,
+                request_from,
+            )
+        })
+        .await
+    }
+
+    async fn count_requests(&self, filter: &RequestFilter) -> StoreResult<i64> {
+        let state = filter.state.map(RequestState::as_str);
+        let attribute = filter.attribute.clone();
+        self.call(move |conn| {
+            conn.prepare_cached(
+                "SELECT COUNT(*) FROM requests
+                 WHERE (?1 IS NULL OR state = ?1) AND (?2 IS NULL OR attribute = ?2)",
+            )
+            .map_err(db_err)?
+            .query_row(params![state, attribute], |r| r.get(0))
+            .map_err(db_err)
         })
         .await
     }
