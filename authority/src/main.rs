@@ -26,10 +26,11 @@ use mabe_authority::{
 };
 use mabe_proto::v1::{
     AddProxyRequest, CheckpointRequest, CreateAttributeRequest, DecideRequestRequest,
-    EnrollRequest, GrantRequest, IssueOfflineRequest, ListAttributesRequest, ListAuditRequest,
-    ListProxiesRequest, ListRequestsRequest, ListRotationsRequest, ProxyProgress, RevokeRequest,
-    RotateExpiredRequest, VerifyAuditRequest, VerifyAuditResponse,
-    authority_admin_client::AuthorityAdminClient, authority_admin_server::AuthorityAdmin as _,
+    DescribeAttributeRequest, DescribeAttributeResponse, EnrollRequest, GrantRequest,
+    IssueOfflineRequest, ListAttributesRequest, ListAuditRequest, ListProxiesRequest,
+    ListRequestsRequest, ListRotationsRequest, ProxyProgress, RevokeRequest, RotateExpiredRequest,
+    VerifyAuditRequest, VerifyAuditResponse, authority_admin_client::AuthorityAdminClient,
+    authority_admin_server::AuthorityAdmin as _,
 };
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
@@ -231,6 +232,12 @@ enum AttributeCmd {
     },
     /// List every attribute version with its holders.
     List,
+    /// Show one attribute: every version with its creation and supersession
+    /// times, current holders, pending requests and rotation jobs.
+    Describe {
+        /// Name, e.g. cardiology (with or without @this-authority).
+        name: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -538,6 +545,62 @@ fn next_page(token: &mut String, next: String) -> Result<bool> {
     }
     *token = next;
     Ok(true)
+}
+
+/// Print what `attribute describe` shows.
+fn print_description(d: &DescribeAttributeResponse) {
+    println!("attribute:       {}", d.attribute);
+    println!("current version: {}", d.current_version);
+    println!("versions:");
+    for v in &d.versions {
+        let until = if v.superseded_at == 0 {
+            String::new()
+        } else {
+            format!(", superseded at {}", v.superseded_at)
+        };
+        println!(
+            "  v{:<4} {:<10} created at {}{until}",
+            v.version, v.state, v.created_at
+        );
+    }
+    println!("holders:         {}", d.holders);
+    println!("pending requests: {}", d.pending_requests);
+    for r in &d.pending {
+        println!(
+            "  #{:<5} {} at {}: {}",
+            r.id,
+            hex::encode(&r.gid),
+            r.created_at,
+            r.reason
+        );
+    }
+    let listed = u32::try_from(d.pending.len()).unwrap_or(u32::MAX);
+    if d.pending_requests > listed {
+        println!(
+            "  … and {} more (`requests --state pending`)",
+            d.pending_requests - listed
+        );
+    }
+    println!("rotation jobs:   {}", d.rotations.len());
+    for r in &d.rotations {
+        println!(
+            "  #{:<4} v{} -> v{} {:<8} created at {}{} {}",
+            r.id,
+            r.from_version,
+            r.to_version,
+            r.state,
+            r.created_at,
+            if r.finished_at == 0 {
+                String::new()
+            } else {
+                format!(", finished at {}", r.finished_at)
+            },
+            r.reason
+        );
+        for p in &r.progress {
+            println!("        {}", progress_line(p));
+        }
+    }
 }
 
 /// How much of the audit log the newest checkpoint covers: deleting the
@@ -917,6 +980,12 @@ async fn run(cli: Cli) -> Result<i32> {
                     break;
                 }
             }
+        }
+        Command::Attribute(AttributeCmd::Describe { name }) => {
+            let mut a = admin(&cli, &dir).await?;
+            let req = DescribeAttributeRequest { name: name.clone() };
+            let d = admin_call!(&mut a, describe_attribute, "DescribeAttribute", req)?;
+            print_description(&d);
         }
         Command::Enroll {
             registry,

@@ -240,6 +240,9 @@ const MAX_ECHOED_ID_BYTES: usize = 80;
 /// reason and note stay well under the 4 MiB message limit.
 pub const MAX_PAGE_SIZE: u32 = 500;
 
+/// Most pending requests [`Node::describe_attribute`] lists (it counts all).
+pub const DESCRIBE_PENDING_LIMIT: i64 = 100;
+
 /// One page of a listing.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Page<T> {
@@ -247,6 +250,23 @@ pub struct Page<T> {
     pub items: Vec<T>,
     /// Opaque token of the next page; `None` after the last page.
     pub next: Option<String>,
+}
+
+/// One attribute as `DescribeAttribute` shows it.
+#[derive(Clone, Debug)]
+pub struct AttributeDescription {
+    /// Canonical attribute text.
+    pub attribute: String,
+    /// Every version, oldest first (the last one is current).
+    pub versions: Vec<AttributeRecord>,
+    /// Active grants.
+    pub holders: usize,
+    /// Requests for it waiting for a decision.
+    pub pending_total: i64,
+    /// The oldest of them, at most [`DESCRIBE_PENDING_LIMIT`].
+    pub pending: Vec<RequestRecord>,
+    /// Its rotation jobs, oldest first.
+    pub rotations: Vec<RotationRecord>,
 }
 
 /// The store's limit for a page of `size` (0: the largest), one more than
@@ -575,6 +595,35 @@ impl Node {
         Ok(paged(items, size, |(r, _)| {
             format!("a1.{}.{}", hex::encode(&r.attribute), r.version)
         }))
+    }
+
+    /// One attribute: every version, its holders, the requests waiting for
+    /// it and its rotation jobs.
+    pub async fn describe_attribute(&self, name: &str) -> NodeResult<AttributeDescription> {
+        let attribute = self.attribute(name)?.to_string();
+        let versions = self.store.attribute_versions(&attribute).await?;
+        if versions.is_empty() {
+            return Err(NodeError::NotFound(format!("attribute {attribute}")));
+        }
+        let holders = self.store.holders(&attribute).await?.len();
+        let pending_filter = RequestFilter {
+            state: Some(RequestState::Pending),
+            attribute: Some(attribute.clone()),
+        };
+        let pending_total = self.store.count_requests(&pending_filter).await?;
+        let pending = self
+            .store
+            .requests_page(&pending_filter, 0, DESCRIBE_PENDING_LIMIT)
+            .await?;
+        let rotations = self.store.attribute_rotations(&attribute).await?;
+        Ok(AttributeDescription {
+            attribute,
+            versions,
+            holders,
+            pending_total,
+            pending,
+            rotations,
+        })
     }
 
     async fn current(&self, attribute: &str) -> NodeResult<AttributeRecord> {

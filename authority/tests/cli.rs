@@ -354,6 +354,70 @@ fn audit_verify_reports_truncation_and_uncovered_entries() {
     );
 }
 
+/// `attribute describe`, and listings longer than one page (the CLI follows
+/// `next_page_token`).
+#[test]
+fn attribute_describe_and_lists_longer_than_a_page() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("a");
+    init(&dir);
+    ok(&dir, &["attribute", "create", "cardiology"]);
+    let key = hex::encode(new_key().verifying_key().to_bytes());
+    let enrolled = ok(
+        &dir,
+        &[
+            "enroll",
+            "--registry",
+            "big",
+            "--subject",
+            "1",
+            "--request-key",
+            &key,
+        ],
+    );
+    let gid = enrolled.trim().rsplit(' ').next().unwrap().to_owned();
+    ok(&dir, &["grant", "--gid", &gid, "--attr", "cardiology"]);
+    ok(
+        &dir,
+        &["revoke", "--gid", &gid, "--attr", "cardiology", "--no-wait"],
+    );
+    ok(&dir, &["grant", "--gid", &gid, "--attr", "cardiology"]);
+    // 600 pending requests and 600 more attributes, written behind the CLI's back.
+    let c = rusqlite::Connection::open(dir.join("authority.db")).unwrap();
+    c.execute_batch(&format!(
+        "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 600)
+         INSERT INTO requests (gid, attribute, reason, state, created_at)
+             SELECT x'{gid}', 'cardiology@hospital-a', 'study ' || i, 'pending', 1700000000 FROM n;
+         WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 600)
+         INSERT INTO attributes (attribute, version, public_key, secret_sealed, state, created_at)
+             SELECT printf('bulk%03d@hospital-a', i), 1, x'00', x'00', 'current', 1700000000 FROM n;"
+    ))
+    .unwrap();
+    drop(c);
+    let text = ok(&dir, &["attribute", "describe", "cardiology"]);
+    for want in [
+        "attribute:       cardiology@hospital-a",
+        "current version: 2",
+        "superseded at",
+        "holders:         1",
+        "pending requests: 600",
+        "#1    ",
+        "and 500 more",
+        "rotation jobs:   1",
+        "v1 -> v2 pending",
+    ] {
+        assert!(text.contains(want), "{want:?} missing from\n{text}");
+    }
+    let missing = run(&dir, &["attribute", "describe", "ghost"]);
+    assert!(!missing.status.success());
+    let requests = ok(&dir, &["requests", "--state", "pending"]);
+    assert_eq!(requests.lines().count(), 600);
+    assert!(requests.contains("study 600"));
+    let attributes = ok(&dir, &["attribute", "list"]);
+    assert_eq!(attributes.lines().count(), 602);
+    assert!(attributes.contains("bulk600@hospital-a"));
+}
+
 struct Served {
     child: Child,
     public: u16,
@@ -656,6 +720,7 @@ fn admin_commands_drive_a_running_node_with_remote() {
     let gid = enrolled.trim().rsplit(' ').next().unwrap().to_owned();
     rok(&["grant", "--gid", &gid, "--attr", "cardiology"]);
     assert!(rok(&["attribute", "list"]).contains("1 holder(s)"));
+    assert!(rok(&["attribute", "describe", "cardiology"]).contains("holders:         1"));
     // A request filed over the public API, decided remotely.
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {

@@ -1,7 +1,8 @@
 //! Hardening of the authority node, over real gRPC with TLS on loopback and
 //! against both backends: audit scans that meet a tampered `seq = i64::MAX`,
 //! truncation of the newest audit entries, size limits on what callers can
-//! write into the audit log, the health status during shutdown, paged listings.
+//! write into the audit log, paged listings, `DescribeAttribute`, and the
+//! health status during shutdown.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::{future::Future, path::PathBuf, sync::Arc, time::Duration};
@@ -15,8 +16,8 @@ use mabe_authority::{
 use mabe_proto::{
     signing::break_glass_message,
     v1::{
-        BreakGlassRequest, KeyRequest, ListAttributesRequest, ListAuditRequest,
-        ListRequestsRequest, VerifyAuditRequest,
+        BreakGlassRequest, DescribeAttributeRequest, KeyRequest, ListAttributesRequest,
+        ListAuditRequest, ListRequestsRequest, VerifyAuditRequest,
     },
 };
 use tonic::Code;
@@ -101,6 +102,7 @@ both!(
     deleting_the_newest_entries_is_reported_and_exposure_counted,
     callers_cannot_write_large_audit_entries,
     attributes_and_requests_are_listed_in_pages,
+    describe_attribute_shows_versions_holders_requests_and_rotations,
 );
 
 /// Fails the test instead of hanging on an endless loop.
@@ -419,6 +421,150 @@ async fn attributes_and_requests_are_listed_in_pages(db: Db) {
     assert_eq!(small.next_page_token, format!("r1.{}", ids[1]));
     let err = list_requests(&r, "r1.x".into(), 2).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
+    r.stop().await;
+}
+
+/// DescribeAttribute: versions with their times, current holders, pending
+/// requests and rotation jobs of one attribute.
+async fn describe_attribute_shows_versions_holders_requests_and_rotations(db: Db) {
+    let mut r = start(db.store().await).await;
+    r.node.create_attribute("cardiology").await.unwrap();
+    r.node.create_attribute("nurse").await.unwrap();
+    let mut gids = Vec::new();
+    for i in 0..3 {
+        let subject = format!("1901234560{i}");
+        let p = person(&subject);
+        let rec = r
+            .node
+            .enroll(
+                "big-register",
+                &subject,
+                &p.key.verifying_key().to_bytes(),
+                &[],
+            )
+            .await
+            .unwrap();
+        gids.push(rec.gid);
+    }
+    r.node
+        .grant(&gids[0], "cardiology", None, "admin")
+        .await
+        .unwrap();
+    r.node
+        .grant(&gids[1], "cardiology", None, "admin")
+        .await
+        .unwrap();
+    let rev = r.node.revoke(&gids[1], "cardiology").await.unwrap();
+    assert_eq!(rev.new_version, 2);
+    let store = r.node.store();
+    let req_ev = || AuditEvent {
+        ts: now(),
+        kind: "request".into(),
+        actor: "test".into(),
+        subject: None,
+        attribute: None,
+        detail: String::new(),
+    };
+    let pending = store
+        .create_request(&gids[2], "cardiology@hospital-a", "ward", now(), req_ev())
+        .await
+        .unwrap();
+    let decided = store
+        .create_request(&gids[1], "cardiology@hospital-a", "back", now(), req_ev())
+        .await
+        .unwrap();
+    r.node
+        .decide(decided.id, false, "no", "admin", None)
+        .await
+        .unwrap();
+    store
+        .create_request(&gids[2], "nurse@hospital-a", "other", now(), req_ev())
+        .await
+        .unwrap();
+
+    let describe = |r: &Running, name: &str| {
+        let req = signed(
+            DescribeAttributeRequest { name: name.into() },
+            "hospital-a",
+            &admin_path("DescribeAttribute"),
+            &r.admin_key,
+        );
+        let mut admin = r.admin.clone();
+        async move { admin.describe_attribute(req).await.map(|x| x.into_inner()) }
+    };
+    let d = describe(&r, "cardiology").await.unwrap();
+    assert_eq!(d.attribute, "cardiology@hospital-a");
+    assert_eq!(d.current_version, 2);
+    let versions = r
+        .node
+        .store()
+        .attribute_versions("cardiology@hospital-a")
+        .await
+        .unwrap();
+    let shown: Vec<(u32, &str, i64, i64)> = d
+        .versions
+        .iter()
+        .map(|v| (v.version, v.state.as_str(), v.created_at, v.superseded_at))
+        .collect();
+    assert_eq!(
+        shown,
+        vec![
+            (
+                1,
+                "superseded",
+                versions[0].created_at,
+                versions[1].created_at
+            ),
+            (2, "current", versions[1].created_at, 0),
+        ]
+    );
+    assert_eq!(d.holders, 1);
+    assert_eq!(d.pending_requests, 1);
+    assert_eq!(d.pending.len(), 1);
+    assert_eq!(
+        (d.pending[0].id, d.pending[0].reason.as_str()),
+        (pending.id, "ward")
+    );
+    assert_eq!(d.rotations.len(), 1);
+    let job = &d.rotations[0];
+    assert_eq!(
+        (job.id, job.from_version, job.to_version, job.state.as_str()),
+        (rev.rotation_id, 1, 2, "pending")
+    );
+    // The full name works too; another authority's attribute, an unknown
+    // one and an unsigned call are refused.
+    assert_eq!(
+        describe(&r, "cardiology@hospital-a")
+            .await
+            .unwrap()
+            .current_version,
+        2
+    );
+    let nurse = describe(&r, "nurse").await.unwrap();
+    assert_eq!(
+        (nurse.current_version, nurse.holders, nurse.pending_requests),
+        (1, 0, 1)
+    );
+    assert!(nurse.rotations.is_empty());
+    assert_eq!(
+        describe(&r, "ghost").await.unwrap_err().code(),
+        Code::NotFound
+    );
+    assert_eq!(
+        describe(&r, "cardiology@hospital-b")
+            .await
+            .unwrap_err()
+            .code(),
+        Code::InvalidArgument
+    );
+    let unsigned = r
+        .admin
+        .describe_attribute(DescribeAttributeRequest {
+            name: "cardiology".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(unsigned.code(), Code::Unauthenticated);
     r.stop().await;
 }
 
