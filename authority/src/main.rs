@@ -461,9 +461,10 @@ async fn admin(cli: &Cli, dir: &DataDir) -> Result<Admin> {
 
 /// One line of a rotation's progress at a proxy: rows, rate, ETA.
 fn progress_line(p: &ProxyProgress) -> String {
-    let secs = (p.updated_at - p.frozen_at).max(1) as f64;
+    // The values come from a (possibly remote) node: no overflow on any.
+    let secs = p.updated_at.saturating_sub(p.frozen_at).max(1) as f64;
     let rate = p.rows_done as f64 / secs;
-    let left = (p.rows_total - p.rows_done).max(0);
+    let left = p.rows_total.saturating_sub(p.rows_done).max(0);
     let eta = if p.done_at != 0 {
         "done".to_owned()
     } else if rate > 0.0 {
@@ -1249,4 +1250,32 @@ async fn main() {
         }
     };
     std::process::exit(code);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Regression: `updated_at - frozen_at` and `rows_total - rows_done`
+    /// on a remote node's values overflowed (a panic in debug builds).
+    #[test]
+    fn progress_line_survives_hostile_values() {
+        let p = ProxyProgress {
+            proxy_id: "p".into(),
+            rows_total: i64::MIN,
+            rows_done: i64::MAX,
+            frozen_at: i64::MAX,
+            updated_at: i64::MIN,
+            done_at: 0,
+        };
+        assert!(progress_line(&p).starts_with("proxy p: "));
+        let p = ProxyProgress {
+            rows_total: i64::MAX,
+            rows_done: i64::MIN,
+            frozen_at: i64::MIN,
+            updated_at: i64::MAX,
+            ..p
+        };
+        assert!(progress_line(&p).contains("rows"));
+    }
 }

@@ -432,7 +432,7 @@ async fn drive_proxy(
             );
             sent?;
             current = (next, computed?);
-            progress.rows_done = (progress.rows_done + rows_now.len() as i64).min(total);
+            progress.rows_done = rows_after(progress.rows_done, rows_now.len(), total);
             progress.updated_at = now();
             node.store()
                 .record_progress(
@@ -449,10 +449,24 @@ async fn drive_proxy(
     }
 }
 
+/// Rows done after `sent` more, at most `total`, without overflow.
+fn rows_after(done: i64, sent: usize, total: i64) -> i64 {
+    done.saturating_add(i64::try_from(sent).unwrap_or(i64::MAX))
+        .min(total)
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rows_after_saturates() {
+        assert_eq!(rows_after(10, 5, 100), 15);
+        assert_eq!(rows_after(98, 5, 100), 100);
+        assert_eq!(rows_after(i64::MAX - 1, 5, i64::MAX), i64::MAX);
+        assert_eq!(rows_after(i64::MAX, usize::MAX, 7), 7);
+    }
 
     fn row(record: u8, row: u32) -> SnapshotRow {
         SnapshotRow {
