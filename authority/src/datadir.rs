@@ -10,6 +10,10 @@
 //! DATA/authority.db      SQLite database (when no --database-url is given)
 //! DATA/instance-id       this replica's name for sharing rotation work (created on use)
 //! ```
+//!
+//! `init` builds all of it as `.DATA.init-staging` beside `DATA` (the
+//! database last) and renames that into place once complete, so `DATA`
+//! exists only as a complete authority.
 
 use std::{
     fs,
@@ -39,6 +43,18 @@ pub fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
         opts.mode(0o600);
     }
     let mut f = opts
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    Ok(())
+}
+
+/// Write `bytes` to a new file and flush it to disk before returning.
+pub fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
         .open(path)
         .with_context(|| format!("creating {}", path.display()))?;
     f.write_all(bytes)?;
@@ -80,19 +96,85 @@ impl DataDir {
         self.root.join("authority-id")
     }
 
-    /// Create the directory (0700) for `init`; refuses a non-empty one.
-    pub fn create(&self) -> Result<()> {
-        if self.root.exists()
+    /// Refuse a directory that exists and is not empty: `init` never
+    /// writes over an authority (or anything else).
+    pub fn check_vacant(&self) -> Result<()> {
+        let occupied = self.root.exists()
             && fs::read_dir(&self.root)
                 .with_context(|| format!("reading {}", self.root.display()))?
                 .next()
-                .is_some()
-        {
-            bail!(
-                "{} is not empty: is this authority already initialised?",
-                self.root.display()
-            );
+                .is_some();
+        if !occupied {
+            return Ok(());
         }
+        match fs::read_to_string(self.id_file()) {
+            Ok(id) => bail!(
+                "{} is not empty: it already holds authority {}; init never overwrites an authority",
+                self.root.display(),
+                id.trim()
+            ),
+            Err(_) => bail!(
+                "{} is not empty: init needs a new or empty directory",
+                self.root.display()
+            ),
+        }
+    }
+
+    /// Where `init` builds this directory before moving it into place: a
+    /// hidden sibling, `.NAME.init-staging`. A leftover one is what an
+    /// interrupted `init` left behind.
+    pub fn staging(&self) -> Result<DataDir> {
+        let name = self
+            .root
+            .file_name()
+            .with_context(|| format!("{} does not name a directory", self.root.display()))?;
+        let parent = match self.root.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let mut staged = std::ffi::OsString::from(".");
+        staged.push(name);
+        staged.push(".init-staging");
+        Ok(DataDir::new(parent.join(staged)))
+    }
+
+    /// Move the complete directory `staged` to this path in one rename (this
+    /// path must be absent or an empty directory), after making its entries
+    /// durable, and make the rename durable.
+    pub fn install(&self, staged: &DataDir) -> Result<()> {
+        #[cfg(unix)]
+        for d in [staged.root.join("tls"), staged.root.clone()] {
+            if d.is_dir() {
+                fs::File::open(&d)
+                    .and_then(|f| f.sync_all())
+                    .with_context(|| format!("syncing {}", d.display()))?;
+            }
+        }
+        fs::rename(&staged.root, &self.root).with_context(|| {
+            format!(
+                "moving {} to {}",
+                staged.root.display(),
+                self.root.display()
+            )
+        })?;
+        #[cfg(unix)]
+        if let Some(parent) = self.root.parent() {
+            let parent = if parent.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                parent
+            };
+            fs::File::open(parent)
+                .and_then(|d| d.sync_all())
+                .with_context(|| format!("syncing {}", parent.display()))?;
+        }
+        Ok(())
+    }
+
+    /// Create the directory (0700) and its `tls/` for `init`; refuses a
+    /// non-empty one.
+    pub fn create(&self) -> Result<()> {
+        self.check_vacant()?;
         fs::create_dir_all(self.root.join("tls"))?;
         #[cfg(unix)]
         {
@@ -169,7 +251,7 @@ impl DataDir {
             "127.0.0.1".to_string(),
         ])
         .context("generating the development TLS certificate")?;
-        fs::write(self.tls_cert(), ck.cert.pem())?;
+        write_synced(&self.tls_cert(), ck.cert.pem().as_bytes())?;
         write_private(&self.tls_key(), ck.signing_key.serialize_pem().as_bytes())?;
         Ok(())
     }

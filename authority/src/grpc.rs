@@ -7,15 +7,15 @@ use std::sync::Arc;
 use ed25519_dalek::{Signature, VerifyingKey};
 use mabe_proto::v1::{
     self, AddProxyRequest, AttributeInfo, AttributeRequest, AttributeRequestReceipt,
-    AuditEntryInfo, AuthorityInfo, BreakGlassRequest, CheckpointRequest, CheckpointResponse,
-    CreateAttributeRequest, DecideRequestRequest, EnrollRequest, FetchKeysResponse,
-    GetDirectoryRequest, GetInfoRequest, GrantInfo, GrantRequest, IssueOfflineRequest,
-    IssueOfflineResponse, IssuedKey, IssuedKeyInfo, KeyRequest, ListAttributesRequest,
-    ListAttributesResponse, ListAuditRequest, ListAuditResponse, ListProxiesRequest,
-    ListProxiesResponse, ListRequestsRequest, ListRequestsResponse, ListRotationsRequest,
-    ListRotationsResponse, PersonInfo, ProxyEntry, ProxyProgress, RequestInfo, RevokeRequest,
-    RevokeResponse, RotateExpiredRequest, RotateExpiredResponse, RotationInfo, SignedDirectory,
-    VerifyAuditRequest, VerifyAuditResponse,
+    AttributeVersionInfo, AuditEntryInfo, AuthorityInfo, BreakGlassRequest, CheckpointRequest,
+    CheckpointResponse, CreateAttributeRequest, DecideRequestRequest, DescribeAttributeRequest,
+    DescribeAttributeResponse, EnrollRequest, FetchKeysResponse, GetDirectoryRequest,
+    GetInfoRequest, GrantInfo, GrantRequest, IssueOfflineRequest, IssueOfflineResponse, IssuedKey,
+    IssuedKeyInfo, KeyRequest, ListAttributesRequest, ListAttributesResponse, ListAuditRequest,
+    ListAuditResponse, ListProxiesRequest, ListProxiesResponse, ListRequestsRequest,
+    ListRequestsResponse, ListRotationsRequest, ListRotationsResponse, PersonInfo, ProxyEntry,
+    ProxyProgress, RequestInfo, RevokeRequest, RevokeResponse, RotateExpiredRequest,
+    RotateExpiredResponse, RotationInfo, SignedDirectory, VerifyAuditRequest, VerifyAuditResponse,
 };
 use prost::Message;
 use sha2::{Digest, Sha256};
@@ -23,7 +23,7 @@ use tonic::{Request, Response, Status};
 
 use crate::{
     node::{KeyFetch, Node, NodeError, SignedAttributeRequest, SignedBreakGlass, now},
-    store::{NonceUse, RequestRecord, RequestState},
+    store::{NonceUse, RequestRecord, RequestState, RotationRecord, VersionState},
 };
 
 /// Metadata key of the admin call's timestamp.
@@ -181,6 +181,37 @@ impl AdminService {
         Ok(())
     }
 
+    /// A rotation job with its progress at every proxy.
+    async fn rotation_info(&self, r: RotationRecord) -> Result<RotationInfo, Status> {
+        let progress = self
+            .node
+            .store()
+            .rotation_progress(r.id)
+            .await
+            .map_err(|e| status(e.into()))?;
+        Ok(RotationInfo {
+            id: r.id,
+            attribute: r.attribute,
+            from_version: r.from_version,
+            to_version: r.to_version,
+            state: r.state.as_str().into(),
+            reason: r.reason,
+            created_at: r.created_at,
+            finished_at: r.finished_at.unwrap_or(0),
+            progress: progress
+                .into_iter()
+                .map(|p| ProxyProgress {
+                    proxy_id: p.proxy_id,
+                    rows_total: p.rows_total,
+                    rows_done: p.rows_done,
+                    frozen_at: p.frozen_at,
+                    updated_at: p.updated_at,
+                    done_at: p.done_at.unwrap_or(0),
+                })
+                .collect(),
+        })
+    }
+
     /// Check the admin signature and freshness of a call; the returned nonce
     /// must be spent, by [`Self::authorize`] or inside the call's own write.
     fn verify_signature<T: Message>(
@@ -292,18 +323,73 @@ impl v1::authority_admin_server::AuthorityAdmin for AdminService {
     ) -> Result<Response<ListAttributesResponse>, Status> {
         self.authorize(&format!("{ADMIN}ListAttributes"), &req)
             .await?;
-        let list = self.node.attributes().await.map_err(status)?;
+        let r = req.get_ref();
+        let page = self
+            .node
+            .attributes_page(&r.page_token, r.page_size)
+            .await
+            .map_err(status)?;
         Ok(Response::new(ListAttributesResponse {
-            attributes: list
+            attributes: page
+                .items
                 .into_iter()
                 .map(|(r, holders)| AttributeInfo {
                     attribute: r.attribute,
                     version: r.version,
                     state: r.state.as_str().into(),
                     created_at: r.created_at,
-                    holders: holders as u32,
+                    holders: u32::try_from(holders).unwrap_or(u32::MAX),
                 })
                 .collect(),
+            next_page_token: page.next.unwrap_or_default(),
+        }))
+    }
+
+    async fn describe_attribute(
+        &self,
+        req: Request<DescribeAttributeRequest>,
+    ) -> Result<Response<DescribeAttributeResponse>, Status> {
+        self.authorize(&format!("{ADMIN}DescribeAttribute"), &req)
+            .await?;
+        let d = self
+            .node
+            .describe_attribute(&req.get_ref().name)
+            .await
+            .map_err(status)?;
+        let current_version = d
+            .versions
+            .iter()
+            .find(|v| v.state == VersionState::Current)
+            .map_or(0, |v| v.version);
+        // A version is superseded when the next one is created (same transaction).
+        let versions = d
+            .versions
+            .iter()
+            .enumerate()
+            .map(|(i, v)| AttributeVersionInfo {
+                version: v.version,
+                state: v.state.as_str().into(),
+                created_at: v.created_at,
+                superseded_at: match v.state {
+                    VersionState::Current => 0,
+                    VersionState::Superseded => {
+                        d.versions.get(i + 1).map_or(0, |next| next.created_at)
+                    }
+                },
+            })
+            .collect();
+        let mut rotations = Vec::with_capacity(d.rotations.len());
+        for r in d.rotations {
+            rotations.push(self.rotation_info(r).await?);
+        }
+        Ok(Response::new(DescribeAttributeResponse {
+            attribute: d.attribute,
+            current_version,
+            versions,
+            holders: u32::try_from(d.holders).unwrap_or(u32::MAX),
+            pending_requests: u32::try_from(d.pending_total).unwrap_or(u32::MAX),
+            pending: d.pending.into_iter().map(request_info).collect(),
+            rotations,
         }))
     }
 
@@ -379,9 +465,15 @@ impl v1::authority_admin_server::AuthorityAdmin for AdminService {
                     Status::invalid_argument("state is pending, approved or denied")
                 })?),
             };
-        let list = self.node.requests(state).await.map_err(status)?;
+        let r = req.get_ref();
+        let page = self
+            .node
+            .requests_page(state, &r.page_token, r.page_size)
+            .await
+            .map_err(status)?;
         Ok(Response::new(ListRequestsResponse {
-            requests: list.into_iter().map(request_info).collect(),
+            requests: page.items.into_iter().map(request_info).collect(),
+            next_page_token: page.next.unwrap_or_default(),
         }))
     }
 
@@ -416,6 +508,9 @@ impl v1::authority_admin_server::AuthorityAdmin for AdminService {
             entries: report.entries,
             checkpoints: report.checkpoints as u32,
             problems: report.problems.iter().map(ToString::to_string).collect(),
+            head_seq: report.head.unwrap_or(0),
+            last_checkpoint_seq: report.last_checkpoint.unwrap_or(0),
+            uncovered_entries: report.uncovered,
         }))
     }
 
@@ -444,33 +539,7 @@ impl v1::authority_admin_server::AuthorityAdmin for AdminService {
             .map_err(status)?;
         let mut rotations = Vec::with_capacity(list.len());
         for r in list {
-            let progress = self
-                .node
-                .store()
-                .rotation_progress(r.id)
-                .await
-                .map_err(|e| status(e.into()))?;
-            rotations.push(RotationInfo {
-                id: r.id,
-                attribute: r.attribute.clone(),
-                from_version: r.from_version,
-                to_version: r.to_version,
-                state: r.state.as_str().into(),
-                reason: r.reason.clone(),
-                created_at: r.created_at,
-                finished_at: r.finished_at.unwrap_or(0),
-                progress: progress
-                    .into_iter()
-                    .map(|p| ProxyProgress {
-                        proxy_id: p.proxy_id,
-                        rows_total: p.rows_total,
-                        rows_done: p.rows_done,
-                        frozen_at: p.frozen_at,
-                        updated_at: p.updated_at,
-                        done_at: p.done_at.unwrap_or(0),
-                    })
-                    .collect(),
-            });
+            rotations.push(self.rotation_info(r).await?);
         }
         Ok(Response::new(ListRotationsResponse { rotations }))
     }
@@ -586,7 +655,11 @@ impl v1::authority_admin_server::AuthorityAdmin for AdminService {
             if let Some(s) = stop {
                 break s;
             }
-            from = last + 1;
+            // An entry at i64::MAX (a tampered row) is the last one there can be.
+            match last.checked_add(1) {
+                Some(next) if next > from => from = next,
+                _ => break 0,
+            }
             // Bound the work of one call; the caller continues from here.
             if scanned >= 100_000 {
                 break from;

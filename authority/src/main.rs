@@ -21,9 +21,10 @@ use std::{
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use ed25519_dalek::SigningKey;
+use mabe_abe::AuthorityId;
 use mabe_authority::{
     admin_client::signed,
-    datadir::{DataDir, read_admin_key, write_private},
+    datadir::{DataDir, read_admin_key, write_private, write_synced},
     grpc::AdminService,
     node::{Node, NodeConfig},
     seal::Kek,
@@ -32,9 +33,10 @@ use mabe_authority::{
 };
 use mabe_proto::v1::{
     AddProxyRequest, CheckpointRequest, CreateAttributeRequest, DecideRequestRequest,
-    EnrollRequest, GrantRequest, IssueOfflineRequest, ListAttributesRequest, ListAuditRequest,
-    ListProxiesRequest, ListRequestsRequest, ListRotationsRequest, ProxyProgress, RevokeRequest,
-    RotateExpiredRequest, VerifyAuditRequest, authority_admin_client::AuthorityAdminClient,
+    DescribeAttributeRequest, DescribeAttributeResponse, EnrollRequest, GrantRequest,
+    IssueOfflineRequest, ListAttributesRequest, ListAuditRequest, ListProxiesRequest,
+    ListRequestsRequest, ListRotationsRequest, ProxyProgress, RevokeRequest, RotateExpiredRequest,
+    VerifyAuditRequest, VerifyAuditResponse, authority_admin_client::AuthorityAdminClient,
     authority_admin_server::AuthorityAdmin as _,
 };
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
@@ -286,6 +288,12 @@ enum AttributeCmd {
     },
     /// List every attribute version with its holders.
     List,
+    /// Show one attribute: every version with its creation and supersession
+    /// times, current holders, pending requests and rotation jobs.
+    Describe {
+        /// Name, e.g. cardiology (with or without @this-authority).
+        name: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -524,9 +532,10 @@ async fn admin(cli: &Cli, dir: &DataDir) -> Result<Admin> {
 
 /// One line of a rotation's progress at a proxy: rows, rate, ETA.
 fn progress_line(p: &ProxyProgress) -> String {
-    let secs = (p.updated_at - p.frozen_at).max(1) as f64;
+    // The values come from a (possibly remote) node: no overflow on any.
+    let secs = p.updated_at.saturating_sub(p.frozen_at).max(1) as f64;
     let rate = p.rows_done as f64 / secs;
-    let left = (p.rows_total - p.rows_done).max(0);
+    let left = p.rows_total.saturating_sub(p.rows_done).max(0);
     let eta = if p.done_at != 0 {
         "done".to_owned()
     } else if rate > 0.0 {
@@ -681,6 +690,108 @@ async fn watch_rotations(
     }
 }
 
+/// Move `token` to the next page's token; `false` after the last page. A
+/// token that does not change would repeat a page forever: refused.
+fn next_page(token: &mut String, next: String) -> Result<bool> {
+    if next.is_empty() {
+        return Ok(false);
+    }
+    if next == *token {
+        bail!("the authority returned the same page token twice; stopping");
+    }
+    *token = next;
+    Ok(true)
+}
+
+/// Print what `attribute describe` shows.
+fn print_description(d: &DescribeAttributeResponse) {
+    println!("attribute:       {}", d.attribute);
+    println!("current version: {}", d.current_version);
+    println!("versions:");
+    for v in &d.versions {
+        let until = if v.superseded_at == 0 {
+            String::new()
+        } else {
+            format!(", superseded at {}", v.superseded_at)
+        };
+        println!(
+            "  v{:<4} {:<10} created at {}{until}",
+            v.version, v.state, v.created_at
+        );
+    }
+    println!("holders:         {}", d.holders);
+    println!("pending requests: {}", d.pending_requests);
+    for r in &d.pending {
+        println!(
+            "  #{:<5} {} at {}: {}",
+            r.id,
+            hex::encode(&r.gid),
+            r.created_at,
+            r.reason
+        );
+    }
+    let listed = u32::try_from(d.pending.len()).unwrap_or(u32::MAX);
+    if d.pending_requests > listed {
+        println!(
+            "  … and {} more (`requests --state pending`)",
+            d.pending_requests - listed
+        );
+    }
+    println!("rotation jobs:   {}", d.rotations.len());
+    for r in &d.rotations {
+        println!(
+            "  #{:<4} v{} -> v{} {:<8} created at {}{} {}",
+            r.id,
+            r.from_version,
+            r.to_version,
+            r.state,
+            r.created_at,
+            if r.finished_at == 0 {
+                String::new()
+            } else {
+                format!(", finished at {}", r.finished_at)
+            },
+            r.reason
+        );
+        for p in &r.progress {
+            println!("        {}", progress_line(p));
+        }
+    }
+}
+
+/// How much of the audit log the newest checkpoint covers: deleting the
+/// entries after it would go unnoticed, so the operator sees the exposure.
+fn coverage_line(report: &VerifyAuditResponse) -> String {
+    let n = report.uncovered_entries;
+    if n == 0 {
+        return if report.last_checkpoint_seq == 0 {
+            "the audit log is empty".to_owned()
+        } else {
+            format!(
+                "every entry is covered by the checkpoint at entry {}",
+                report.last_checkpoint_seq
+            )
+        };
+    }
+    let (entries, verb) = if n == 1 {
+        ("entry", "is")
+    } else {
+        ("entries", "are")
+    };
+    let which = if report.last_checkpoint_seq == 0 {
+        format!("{n} {entries} {verb} not covered by any signed checkpoint")
+    } else {
+        format!(
+            "{n} {entries} after the checkpoint at entry {} {verb} not covered by a signed checkpoint",
+            report.last_checkpoint_seq
+        )
+    };
+    format!(
+        "{which}: their deletion would go undetected; sign one with `audit checkpoint` and \
+         keep a copy elsewhere"
+    )
+}
+
 fn gid_bytes(hex_gid: &str) -> Result<Vec<u8>> {
     let b = hex::decode(hex_gid.trim()).context("a GID is 64 hexadecimal digits")?;
     if b.len() != 32 {
@@ -689,51 +800,253 @@ fn gid_bytes(hex_gid: &str) -> Result<Vec<u8>> {
     Ok(b)
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+/// `init`. Validates first, then builds the whole data directory under a
+/// staging name beside it (id, KEK, admin key, TLS certificate, and the
+/// SQLite database), initialises the database last, and moves the directory
+/// into place with one rename. A failure or crash at any point leaves either
+/// no data directory (the next `init` removes the staging leftover and
+/// starts over) or a complete one. With PostgreSQL, a crash between the
+/// database commit and the rename leaves a complete staging directory, which
+/// the next `init` moves into place.
+async fn init(cli: &Cli, dir: &DataDir, authority_id: &str) -> Result<()> {
+    let id: AuthorityId = authority_id
+        .parse()
+        .map_err(|e| anyhow::anyhow!("invalid authority id {authority_id:?}: {e}"))?;
+    dir.check_vacant()?;
+    let staging = dir.staging()?;
+    if staging.root().exists() {
+        if let Some(staged) = staged_authority(cli, &staging).await? {
+            if staged != id.as_str() {
+                bail!(
+                    "{} holds an interrupted init of authority {staged} whose database is \
+                     initialised: run init --authority-id {staged} to finish it",
+                    staging.root().display()
+                );
             }
-            Err(_) => std::future::pending::<()>().await,
+            dir.install(&staging)?;
+            println!("finished an interrupted init");
+            return describe_new(cli, dir).await;
+        }
+        std::fs::remove_dir_all(staging.root()).with_context(|| {
+            format!(
+                "removing {}, left by an interrupted init",
+                staging.root().display()
+            )
+        })?;
+    }
+    staging.create()?;
+    match init_staged(cli, &staging, &id).await {
+        Ok(()) => {}
+        Err(Staged::NothingCommitted(e)) => {
+            let _ = std::fs::remove_dir_all(staging.root());
+            return Err(e);
+        }
+        Err(Staged::Committed(e)) => {
+            return Err(e.context(format!(
+                "the authority's database is initialised, its keys are in {}: run init again \
+                 to finish",
+                staging.root().display()
+            )));
+        }
+    }
+    dir.install(&staging).with_context(|| {
+        format!(
+            "the authority is complete in {}: run init again to finish",
+            staging.root().display()
+        )
+    })?;
+    describe_new(cli, dir).await
+}
+
+/// How far a failed [`init_staged`] got.
+enum Staged {
+    /// The database holds nothing of this init: the staging directory may go.
+    NothingCommitted(anyhow::Error),
+    /// The database may be initialised with the staged keys: keep them.
+    Committed(anyhow::Error),
+}
+
+/// Write the files of a new authority into `staging`, then initialise the
+/// database (the commit point) and close it.
+async fn init_staged(cli: &Cli, staging: &DataDir, id: &AuthorityId) -> Result<(), Staged> {
+    use ark_std::rand::{RngCore, rngs::OsRng};
+    let before = |e: anyhow::Error| Staged::NothingCommitted(e);
+    write_synced(&staging.id_file(), format!("{id}\n").as_bytes()).map_err(before)?;
+    let kek = if std::env::var("MABE_KEK").is_ok() || cli.kek_file.is_some() {
+        staging.load_kek(cli.kek_file.as_deref()).map_err(before)?
+    } else {
+        let kek = Kek::generate(&mut OsRng);
+        write_private(&staging.kek_file(), kek.to_hex().as_bytes()).map_err(before)?;
+        kek
+    };
+    let mut seed = zeroize::Zeroizing::new([0u8; 32]);
+    OsRng.fill_bytes(seed.as_mut());
+    let admin = SigningKey::from_bytes(&seed);
+    write_private(
+        &staging.admin_key_file(),
+        zeroize::Zeroizing::new(hex::encode(admin.to_bytes())).as_bytes(),
+    )
+    .map_err(before)?;
+    staging.write_dev_tls().map_err(before)?;
+    let sqlite = match &cli.database_url {
+        Some(_) => None,
+        None => Some(
+            SqliteStore::open(&staging.database())
+                .context("creating the SQLite database")
+                .map_err(before)?,
+        ),
+    };
+    let store: Arc<dyn Store> = match &sqlite {
+        Some(s) => Arc::new(s.clone()),
+        None => open_store(cli, staging).await.map_err(before)?,
+    };
+    let admin_pk = admin.verifying_key();
+    let node = match Node::init_with_admin_key(
+        Arc::clone(&store),
+        id.as_str(),
+        kek,
+        NodeConfig::default(),
+        admin_pk,
+    )
+    .await
+    {
+        Ok(node) => node,
+        // Did the commit land anyway (e.g. the connection broke after it)?
+        Err(e) => {
+            return Err(match store.meta().await {
+                Ok(Some(m)) if m.admin_public_key == admin_pk.to_bytes() => {
+                    Staged::Committed(e.into())
+                }
+                Ok(_) => Staged::NothingCommitted(e.into()),
+                Err(_) => Staged::Committed(e.into()),
+            });
         }
     };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+    drop(node);
+    drop(store);
+    if let Some(s) = sqlite {
+        s.close()
+            .await
+            .context("closing the new database")
+            .map_err(Staged::Committed)?;
+    }
+    Ok(())
+}
+
+/// The authority id of a complete staging directory that an interrupted
+/// `init` left behind (files in place, database initialised with its admin
+/// key), or `None` if it is incomplete and may be removed. An error means
+/// it may hold the only keys of an initialised database: keep it.
+async fn staged_authority(cli: &Cli, staging: &DataDir) -> Result<Option<String>> {
+    let files = staging.authority_id().is_ok()
+        && staging.tls_cert().is_file()
+        && staging.tls_key().is_file();
+    let Ok(admin) = staging.admin_key() else {
+        // The admin key is written before the database is touched.
+        return Ok(None);
+    };
+    let admin = admin.verifying_key();
+    match &cli.database_url {
+        // Self-contained: whatever is wrong with it, nothing else refers to it.
+        None => {
+            if !files || !staging.database().is_file() {
+                return Ok(None);
+            }
+            let Ok(sqlite) = SqliteStore::open(&staging.database()) else {
+                return Ok(None);
+            };
+            let opened = match staging.load_kek(cli.kek_file.as_deref()) {
+                Ok(kek) => Node::open(Arc::new(sqlite.clone()), kek, NodeConfig::default())
+                    .await
+                    .ok(),
+                Err(_) => None,
+            };
+            let staged = opened
+                .filter(|n| n.admin_public_key() == &admin)
+                .map(|n| n.authority_id().as_str().to_owned());
+            sqlite.close().await?;
+            Ok(staged)
+        }
+        Some(_) => {
+            let store = open_store(cli, staging).await?;
+            match store.meta().await? {
+                Some(m) if m.admin_public_key == admin.to_bytes() => {}
+                // Not initialised by this init: the leftover may go.
+                _ => return Ok(None),
+            }
+            if !files {
+                bail!(
+                    "{} holds the admin key of an initialised database but not all of its \
+                     files: finish it by hand",
+                    staging.root().display()
+                );
+            }
+            let kek = staging.load_kek(cli.kek_file.as_deref())?;
+            let node = Node::open(store, kek, NodeConfig::default())
+                .await
+                .with_context(|| {
+                    format!(
+                        "{} belongs to an initialised database whose identity key does not \
+                         open with this key-encryption key",
+                        staging.root().display()
+                    )
+                })?;
+            Ok(Some(node.authority_id().as_str().to_owned()))
+        }
+    }
+}
+
+/// Print what `init` made.
+async fn describe_new(cli: &Cli, dir: &DataDir) -> Result<()> {
+    let node = open_node(cli, dir).await?;
+    println!("initialised authority {}", node.authority_id());
+    println!(
+        "identity public key: {}",
+        hex::encode(node.identity_public_key().to_bytes())
+    );
+    println!("data directory: {}", dir.root().display());
+    Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT. The handlers are installed when this is
+/// called, not when the future is first polled: `serve` calls it before it
+/// announces its ports, so a signal sent right after the announcement still
+/// shuts it down gracefully (instead of killing it).
+#[cfg(unix)]
+fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
+    use tokio::signal::unix::{Signal, SignalKind, signal};
+    let install = |kind: SignalKind, name: &str| {
+        signal(kind)
+            .map_err(|e| tracing::warn!(error = %e, "cannot handle {name}"))
+            .ok()
+    };
+    let term = install(SignalKind::terminate(), "SIGTERM");
+    let int = install(SignalKind::interrupt(), "SIGINT");
+    async move {
+        let wait = |s: Option<Signal>| async move {
+            match s {
+                Some(mut s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! { _ = wait(term) => {}, _ = wait(int) => {} }
+    }
+}
+
+/// Resolves on Ctrl-C.
+#[cfg(not(unix))]
+fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
+    async {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }
 
 async fn run(cli: Cli) -> Result<i32> {
     let dir = DataDir::new(&cli.data_dir);
     match &cli.command {
-        Command::Init { authority_id } => {
-            dir.create()?;
-            std::fs::write(dir.id_file(), format!("{authority_id}\n"))?;
-            let kek = if std::env::var("MABE_KEK").is_ok() || cli.kek_file.is_some() {
-                dir.load_kek(cli.kek_file.as_deref())?
-            } else {
-                let kek = Kek::generate(&mut ark_std::rand::rngs::OsRng);
-                write_private(&dir.kek_file(), kek.to_hex().as_bytes())?;
-                kek
-            };
-            let store = open_store(&cli, &dir).await?;
-            let (node, admin) = Node::init(store, authority_id, kek, NodeConfig::default()).await?;
-            write_private(
-                &dir.admin_key_file(),
-                hex::encode(admin.to_bytes()).as_bytes(),
-            )?;
-            dir.write_dev_tls()?;
-            println!("initialised authority {}", node.authority_id());
-            println!(
-                "identity public key: {}",
-                hex::encode(node.identity_public_key().to_bytes())
-            );
-            println!("data directory: {}", dir.root().display());
-        }
+        Command::Init { authority_id } => init(&cli, &dir, authority_id).await?,
         Command::Serve {
             listen,
             admin_listen,
@@ -759,6 +1072,7 @@ async fn run(cli: Cli) -> Result<i32> {
                 .await
                 .context("binding the listeners")?;
             let (p, a) = listeners.addrs()?;
+            let shutdown = shutdown_signal();
             tracing::info!(authority = %node.authority_id(), public = %p, admin = %a, store = node.store().backend(), "serving");
             println!("serving {} on {p} (admin {a})", node.authority_id());
             let mut duties = spawn_duties(
@@ -768,16 +1082,23 @@ async fn run(cli: Cli) -> Result<i32> {
                 *drive_rotations_every,
             );
             let served = serve(
-                node,
+                Arc::clone(&node),
                 listeners,
                 ServeOptions {
                     tls: Some(tls),
                     request_timeout: Duration::from_secs(*request_timeout),
                 },
-                shutdown_signal(),
+                shutdown,
             )
             .await;
             duties.abort_all();
+            // Cover the newest entries before going away (a checkpoint is
+            // what makes their deletion detectable).
+            match node.checkpoint().await {
+                Ok(Some(cp)) => tracing::info!(seq = cp.seq, "audit checkpoint signed at shutdown"),
+                Ok(None) => {}
+                Err(e) => tracing::warn!(error = %e, "audit checkpoint at shutdown failed"),
+            }
             served?;
             tracing::info!("stopped");
         }
@@ -798,18 +1119,29 @@ async fn run(cli: Cli) -> Result<i32> {
         }
         Command::Attribute(AttributeCmd::List) => {
             let mut a = admin(&cli, &dir).await?;
-            let list = admin_call!(
-                &mut a,
-                list_attributes,
-                "ListAttributes",
-                ListAttributesRequest {}
-            )?;
-            for r in list.attributes {
-                println!(
-                    "{:<40} v{:<4} {:<10} {} holder(s)",
-                    r.attribute, r.version, r.state, r.holders
-                );
+            let mut page_token = String::new();
+            loop {
+                let req = ListAttributesRequest {
+                    page_token: page_token.clone(),
+                    page_size: 0,
+                };
+                let list = admin_call!(&mut a, list_attributes, "ListAttributes", req)?;
+                for r in list.attributes {
+                    println!(
+                        "{:<40} v{:<4} {:<10} {} holder(s)",
+                        r.attribute, r.version, r.state, r.holders
+                    );
+                }
+                if !next_page(&mut page_token, list.next_page_token)? {
+                    break;
+                }
             }
+        }
+        Command::Attribute(AttributeCmd::Describe { name }) => {
+            let mut a = admin(&cli, &dir).await?;
+            let req = DescribeAttributeRequest { name: name.clone() };
+            let d = admin_call!(&mut a, describe_attribute, "DescribeAttribute", req)?;
+            print_description(&d);
         }
         Command::Enroll {
             registry,
@@ -985,21 +1317,27 @@ async fn run(cli: Cli) -> Result<i32> {
                 Some(_) => bail!("--state is pending, approved or denied"),
             };
             let mut a = admin(&cli, &dir).await?;
-            let list = admin_call!(
-                &mut a,
-                list_requests,
-                "ListRequests",
-                ListRequestsRequest { state }
-            )?;
-            for r in list.requests {
-                println!(
-                    "#{:<5} {:<9} {} wants {}: {}",
-                    r.id,
-                    r.state,
-                    hex::encode(r.gid),
-                    r.attribute,
-                    r.reason
-                );
+            let mut page_token = String::new();
+            loop {
+                let req = ListRequestsRequest {
+                    state: state.clone(),
+                    page_token: page_token.clone(),
+                    page_size: 0,
+                };
+                let list = admin_call!(&mut a, list_requests, "ListRequests", req)?;
+                for r in list.requests {
+                    println!(
+                        "#{:<5} {:<9} {} wants {}: {}",
+                        r.id,
+                        r.state,
+                        hex::encode(r.gid),
+                        r.attribute,
+                        r.reason
+                    );
+                }
+                if !next_page(&mut page_token, list.next_page_token)? {
+                    break;
+                }
             }
         }
         Command::Approve { id, note } | Command::Deny { id, note } => {
@@ -1110,6 +1448,7 @@ async fn run(cli: Cli) -> Result<i32> {
                 "{} entries, {} checkpoint(s) checked",
                 report.entries, report.checkpoints
             );
+            println!("{}", coverage_line(&report));
             if report.problems.is_empty() {
                 println!("audit log verifies");
             } else {
@@ -1150,4 +1489,32 @@ async fn main() {
         }
     };
     std::process::exit(code);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Regression: `updated_at - frozen_at` and `rows_total - rows_done`
+    /// on a remote node's values overflowed (a panic in debug builds).
+    #[test]
+    fn progress_line_survives_hostile_values() {
+        let p = ProxyProgress {
+            proxy_id: "p".into(),
+            rows_total: i64::MIN,
+            rows_done: i64::MAX,
+            frozen_at: i64::MAX,
+            updated_at: i64::MIN,
+            done_at: 0,
+        };
+        assert!(progress_line(&p).starts_with("proxy p: "));
+        let p = ProxyProgress {
+            rows_total: i64::MAX,
+            rows_done: i64::MIN,
+            frozen_at: i64::MIN,
+            updated_at: i64::MAX,
+            ..p
+        };
+        assert!(progress_line(&p).contains("rows"));
+    }
 }

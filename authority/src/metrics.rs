@@ -86,6 +86,7 @@ const SERVICES: [(&str, &str, &[&str]); 3] = [
             "AddProxy",
             "ListProxies",
             "ListAudit",
+            "DescribeAttribute",
         ],
     ),
     ("grpc.health.v1.Health", "health", &["Check", "Watch"]),
@@ -565,7 +566,7 @@ mod tests {
                 rpcs += 1;
             }
         }
-        assert_eq!(rpcs, 20);
+        assert_eq!(rpcs, 21);
     }
 
     #[test]

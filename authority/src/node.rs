@@ -22,8 +22,9 @@ use crate::{
     audit::{self, AuditReport, Verifier},
     seal::{Kek, SealError, attribute_ad, identity_ad, update_ad},
     store::{
-        AttributeRecord, AuditEvent, AuthorityMeta, Checkpoint, GrantRecord, NewRotation, NonceUse,
-        PersonRecord, RequestRecord, RequestState, RotationRecord, Store, StoreError, VersionState,
+        AttributeRecord, AuditEntry, AuditEvent, AuthorityMeta, Checkpoint, GrantRecord,
+        NewRotation, NonceUse, PersonRecord, RequestFilter, RequestRecord, RequestState,
+        RotationRecord, Store, StoreError, VersionState,
     },
 };
 
@@ -241,6 +242,73 @@ struct Signed<'a> {
 /// Longest accepted reason text.
 pub const MAX_REASON_LEN: usize = 2000;
 
+/// Most bytes of a caller's authority id that a refusal repeats (valid ids
+/// have at most 63).
+const MAX_ECHOED_ID_BYTES: usize = 80;
+
+/// Largest page of a listing (`ListAttributes`, `ListRequests`), also the
+/// size of a page asked for with size 0: 500 requests with the longest
+/// reason and note stay well under the 4 MiB message limit.
+pub const MAX_PAGE_SIZE: u32 = 500;
+
+/// Most pending requests [`Node::describe_attribute`] lists (it counts all).
+pub const DESCRIBE_PENDING_LIMIT: i64 = 100;
+
+/// One page of a listing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Page<T> {
+    /// The items, in the listing's order.
+    pub items: Vec<T>,
+    /// Opaque token of the next page; `None` after the last page.
+    pub next: Option<String>,
+}
+
+/// One attribute as `DescribeAttribute` shows it.
+#[derive(Clone, Debug)]
+pub struct AttributeDescription {
+    /// Canonical attribute text.
+    pub attribute: String,
+    /// Every version, oldest first (the last one is current).
+    pub versions: Vec<AttributeRecord>,
+    /// Active grants.
+    pub holders: usize,
+    /// Requests for it waiting for a decision.
+    pub pending_total: i64,
+    /// The oldest of them, at most [`DESCRIBE_PENDING_LIMIT`].
+    pub pending: Vec<RequestRecord>,
+    /// Its rotation jobs, oldest first.
+    pub rotations: Vec<RotationRecord>,
+}
+
+/// The store's limit for a page of `size` (0: the largest), one more than
+/// the page so that a full page knows whether another follows.
+fn page_limit(size: u32) -> (usize, i64) {
+    let size = match size {
+        0 => MAX_PAGE_SIZE,
+        n => n.min(MAX_PAGE_SIZE),
+    };
+    (size as usize, i64::from(size) + 1)
+}
+
+/// Cut `items` to `size` and give the token of the next page, made from the
+/// last item kept, if more items followed.
+fn paged<T>(mut items: Vec<T>, size: usize, token: impl Fn(&T) -> String) -> Page<T> {
+    let next = if items.len() > size {
+        items.truncate(size);
+        items.last().map(token)
+    } else {
+        None
+    };
+    Page { items, next }
+}
+
+fn bad_token() -> NodeError {
+    NodeError::InvalidArgument("page_token was not issued by this listing".into())
+}
+
+/// Audit entries read per page when the whole log is scanned.
+const AUDIT_PAGE: i64 = 1000;
+
 /// An authority node's core.
 pub struct Node {
     store: Arc<dyn Store>,
@@ -295,6 +363,24 @@ impl Node {
         kek: Kek,
         config: NodeConfig,
     ) -> NodeResult<(Node, SigningKey)> {
+        let admin = random_signing_key();
+        let node =
+            Self::init_with_admin_key(store, authority_id, kek, config, admin.verifying_key())
+                .await?;
+        Ok((node, admin))
+    }
+
+    /// Like [`Node::init`], with the admin public key of a key pair the
+    /// caller made (`mabe-authority init` stores the secret half before the
+    /// database is initialised, so that an initialised database always has
+    /// its admin key on disk).
+    pub async fn init_with_admin_key(
+        store: Arc<dyn Store>,
+        authority_id: &str,
+        kek: Kek,
+        config: NodeConfig,
+        admin: VerifyingKey,
+    ) -> NodeResult<Node> {
         let id: AuthorityId = authority_id
             .parse()
             .map_err(|e| NodeError::InvalidArgument(format!("authority id: {e}")))?;
@@ -302,13 +388,12 @@ impl Node {
             return Err(NodeError::AlreadyInitialized);
         }
         let identity = random_signing_key();
-        let admin = random_signing_key();
         let sealed = kek.seal(&mut OsRng, &identity_ad(id.as_str()), identity.as_bytes())?;
         let meta = AuthorityMeta {
             authority_id: id.as_str().to_owned(),
             identity_public_key: identity.verifying_key().to_bytes(),
             identity_secret_sealed: sealed,
-            admin_public_key: admin.verifying_key().to_bytes(),
+            admin_public_key: admin.to_bytes(),
             created_at: now(),
         };
         let mut ev = event("init", "admin");
@@ -321,16 +406,15 @@ impl Node {
             StoreError::AlreadyExists(_) => NodeError::AlreadyInitialized,
             other => other.into(),
         })?;
-        let node = Node {
+        Ok(Node {
             store,
             id,
             identity,
-            admin: admin.verifying_key(),
+            admin,
             kek,
             config,
             secrets: Mutex::new(HashMap::new()),
-        };
-        Ok((node, admin))
+        })
     }
 
     /// Open an initialised authority.
@@ -480,6 +564,77 @@ impl Node {
             out.push((r, holders));
         }
         Ok(out)
+    }
+
+    /// One page of [`Node::attributes`], by attribute then version: from
+    /// the start (empty `token`) or from a previous page's `next` token.
+    pub async fn attributes_page(
+        &self,
+        token: &str,
+        size: u32,
+    ) -> NodeResult<Page<(AttributeRecord, usize)>> {
+        // Token: "a1." ‖ hex(attribute) ‖ "." ‖ version of the last item.
+        let after = match token {
+            "" => None,
+            t => {
+                let (attr_hex, version) = t
+                    .strip_prefix("a1.")
+                    .and_then(|rest| rest.split_once('.'))
+                    .ok_or_else(bad_token)?;
+                let attr = hex::decode(attr_hex)
+                    .ok()
+                    .and_then(|b| String::from_utf8(b).ok())
+                    .ok_or_else(bad_token)?;
+                let version: u32 = version.parse().map_err(|_| bad_token())?;
+                Some((attr, version))
+            }
+        };
+        let (size, limit) = page_limit(size);
+        let recs = self
+            .store
+            .attributes_page(after.as_ref().map(|(a, v)| (a.as_str(), *v)), limit)
+            .await?;
+        let mut items = Vec::with_capacity(recs.len());
+        for r in recs {
+            let holders = if r.state == VersionState::Current {
+                self.store.holders(&r.attribute).await?.len()
+            } else {
+                0
+            };
+            items.push((r, holders));
+        }
+        Ok(paged(items, size, |(r, _)| {
+            format!("a1.{}.{}", hex::encode(&r.attribute), r.version)
+        }))
+    }
+
+    /// One attribute: every version, its holders, the requests waiting for
+    /// it and its rotation jobs.
+    pub async fn describe_attribute(&self, name: &str) -> NodeResult<AttributeDescription> {
+        let attribute = self.attribute(name)?.to_string();
+        let versions = self.store.attribute_versions(&attribute).await?;
+        if versions.is_empty() {
+            return Err(NodeError::NotFound(format!("attribute {attribute}")));
+        }
+        let holders = self.store.holders(&attribute).await?.len();
+        let pending_filter = RequestFilter {
+            state: Some(RequestState::Pending),
+            attribute: Some(attribute.clone()),
+        };
+        let pending_total = self.store.count_requests(&pending_filter).await?;
+        let pending = self
+            .store
+            .requests_page(&pending_filter, 0, DESCRIBE_PENDING_LIMIT)
+            .await?;
+        let rotations = self.store.attribute_rotations(&attribute).await?;
+        Ok(AttributeDescription {
+            attribute,
+            versions,
+            holders,
+            pending_total,
+            pending,
+            rotations,
+        })
     }
 
     async fn current(&self, attribute: &str) -> NodeResult<AttributeRecord> {
@@ -806,8 +961,11 @@ impl Node {
             NodeError::Unauthenticated(reason)
         };
         if authority != self.id.as_str() {
+            // The caller chose this string (up to the message limit): echo
+            // only as much of it as an authority id can be.
             return Err(refuse(format!(
-                "request is addressed to authority {authority:?}, this is {}",
+                "request is addressed to authority {:?}, this is {}",
+                audit::clip(authority, MAX_ECHOED_ID_BYTES),
                 self.id
             ))
             .await);
@@ -991,6 +1149,31 @@ impl Node {
         Ok(self.store.requests(state).await?)
     }
 
+    /// One page of [`Node::requests`], by id: from the start (empty
+    /// `token`) or from a previous page's `next` token.
+    pub async fn requests_page(
+        &self,
+        state: Option<RequestState>,
+        token: &str,
+        size: u32,
+    ) -> NodeResult<Page<RequestRecord>> {
+        // Token: "r1." ‖ id of the last item.
+        let after = match token {
+            "" => 0,
+            t => t
+                .strip_prefix("r1.")
+                .and_then(|id| id.parse::<i64>().ok())
+                .ok_or_else(bad_token)?,
+        };
+        let (size, limit) = page_limit(size);
+        let filter = RequestFilter {
+            state,
+            attribute: None,
+        };
+        let items = self.store.requests_page(&filter, after, limit).await?;
+        Ok(paged(items, size, |r| format!("r1.{}", r.id)))
+    }
+
     /// Approve or deny a pending request (approval creates the grant).
     /// `nonce` (the authenticated call's nonce, if the caller did not spend
     /// it yet) is spent in the decision's own transaction.
@@ -1146,16 +1329,35 @@ impl Node {
 
     // ----------------------------------------------------------------- audit
 
+    /// Read the whole audit log in seq order, one page at a time. The next
+    /// page starts after the last entry seen, with checked arithmetic: an
+    /// entry at `i64::MAX` (only a tampered row can hold it) ends the scan
+    /// instead of overflowing, and so does a page that would not move the
+    /// scan forward.
+    async fn scan_audit(&self, mut each_page: impl FnMut(&[AuditEntry])) -> NodeResult<()> {
+        let mut from = 1i64;
+        loop {
+            let page = self.store.audit_entries(from, AUDIT_PAGE).await?;
+            let Some(tail) = page.last().map(|e| e.seq) else {
+                return Ok(());
+            };
+            each_page(&page);
+            match tail.checked_add(1) {
+                Some(next) if next > from => from = next,
+                _ => return Ok(()),
+            }
+        }
+    }
+
     /// Sign a checkpoint of the audit chain at its current head.
     pub async fn checkpoint(&self) -> NodeResult<Option<Checkpoint>> {
         let mut last = None;
-        let mut from = 1;
-        loop {
-            let page = self.store.audit_entries(from, 1000).await?;
-            let Some(tail) = page.last() else { break };
-            from = tail.seq + 1;
-            last = Some((tail.seq, tail.hash));
-        }
+        self.scan_audit(|page| {
+            if let Some(tail) = page.last() {
+                last = Some((tail.seq, tail.hash));
+            }
+        })
+        .await?;
         let Some((seq, hash)) = last else {
             return Ok(None);
         };
@@ -1167,22 +1369,37 @@ impl Node {
             ts,
             signature: self.identity.sign(&msg).to_bytes().to_vec(),
         };
-        self.store.add_checkpoint(&cp).await?;
-        Ok(Some(cp))
+        match self.store.add_checkpoint(&cp).await {
+            Ok(()) => Ok(Some(cp)),
+            // The head is already covered (an idle node, or another replica
+            // was first): keep the existing checkpoint if it signs this head.
+            Err(StoreError::AlreadyExists(m)) => {
+                let existing = self
+                    .store
+                    .checkpoints()
+                    .await?
+                    .into_iter()
+                    .find(|c| c.seq == seq);
+                match existing {
+                    Some(c) if c.hash == hash => Ok(Some(c)),
+                    _ => Err(NodeError::Conflict(format!(
+                        "{m}, for another hash of that entry: run `audit verify`"
+                    ))),
+                }
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Verify the whole audit log and every checkpoint.
     pub async fn verify_audit(&self) -> NodeResult<AuditReport> {
         let mut v = Verifier::default();
-        let mut from = 1;
-        loop {
-            let page = self.store.audit_entries(from, 1000).await?;
-            let Some(tail) = page.last() else { break };
-            from = tail.seq + 1;
-            for e in &page {
+        self.scan_audit(|page| {
+            for e in page {
                 v.entry(e);
             }
-        }
+        })
+        .await?;
         let key = self.identity.verifying_key();
         for cp in self.store.checkpoints().await? {
             v.checkpoint(self.id.as_str(), &key, &cp);

@@ -32,9 +32,11 @@ use tokio_rustls::{
 };
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::{
+    server::NamedService,
     service::Routes,
     transport::{Identity, Server, ServerTlsConfig},
 };
+use tonic_health::ServingStatus;
 
 use crate::{
     grpc::{AdminService, PublicService},
@@ -218,8 +220,9 @@ fn admin_routes(admin: AuthorityAdminServer<AdminService>, metrics: Arc<Metrics>
     )
 }
 
-/// Serve until `shutdown` completes, then stop accepting, let in-flight
-/// requests finish, and return. Both listeners count their calls into one
+/// Serve until `shutdown` completes, then set the gRPC health status to
+/// `NOT_SERVING` (overall and for `mabe.v1.Authority`), stop accepting, let
+/// in-flight requests finish, and return. Both listeners count their calls into one
 /// fresh [`Metrics`], served as `GET /metrics` on the admin listener.
 pub async fn serve(
     node: Arc<Node>,
@@ -270,8 +273,20 @@ pub async fn serve(
     };
     tokio::spawn(async move {
         shutdown.await;
-        tracing::info!("shutting down: finishing in-flight requests");
+        // Tell health checkers first, then stop accepting and drain.
+        let mut reporter = reporter;
+        for service in ["", <AuthorityServer<PublicService> as NamedService>::NAME] {
+            reporter
+                .set_service_status(service, ServingStatus::NotServing)
+                .await;
+        }
+        tracing::info!("shutting down: health NOT_SERVING, finishing in-flight requests");
         let _ = tx.send(true);
+        // End open `Health/Watch` streams (after they saw NOT_SERVING), or
+        // the drain would wait for them forever.
+        for service in ["", <AuthorityServer<PublicService> as NamedService>::NAME] {
+            reporter.clear_service_status(service).await;
+        }
     });
     let (a, b) = tokio::join!(public_srv, admin_srv);
     a?;

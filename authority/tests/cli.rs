@@ -72,7 +72,15 @@ fn init_writes_private_files_and_refuses_a_second_init() {
     }
     let again = run(&dir, &["init", "--authority-id", "hospital-a"]);
     assert!(!again.status.success());
-    assert!(String::from_utf8_lossy(&again.stderr).contains("not empty"));
+    let err = String::from_utf8_lossy(&again.stderr);
+    assert!(
+        err.contains("not empty: it already holds authority hospital-a"),
+        "{err}"
+    );
+    // Not even under another id; and the first authority is intact.
+    let other = run(&dir, &["init", "--authority-id", "hospital-b"]);
+    assert!(!other.status.success());
+    assert!(ok(&dir, &["info"]).contains("authority id: hospital-a"));
     // A command on a directory that was never initialised says what to do.
     let none = run(&tmp.path().join("missing"), &["attribute", "list"]);
     assert!(!none.status.success());
@@ -130,6 +138,286 @@ fn audit_verify_names_the_edited_deleted_or_reordered_entry() {
     assert!(ok(&dir, &["audit", "verify"]).contains("audit log verifies"));
 }
 
+/// Run the CLI, killing it if it has not finished after `secs` seconds
+/// (a hang is a failure, not a stuck test run).
+fn run_within(dir: &Path, args: &[&str], secs: u64) -> Output {
+    let child = Command::new(BIN)
+        .arg("--data-dir")
+        .arg(dir)
+        .args(args)
+        .env_remove("MABE_KEK")
+        .env_remove("MABE_DATABASE_URL")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run mabe-authority");
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(Duration::from_secs(secs)) {
+        Ok(out) => out.expect("wait for mabe-authority"),
+        Err(_) => {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+            panic!("mabe-authority {args:?} did not finish within {secs} s");
+        }
+    }
+}
+
+/// Regression: a tampered row with `seq = i64::MAX` made `audit verify`,
+/// `audit list` and `audit checkpoint` step past it with `seq + 1` (a panic
+/// in debug builds, an endless loop in release builds) instead of reporting
+/// the tampered entry.
+#[test]
+fn audit_commands_report_an_entry_moved_to_i64_max() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("a");
+    init(&dir);
+    ok(&dir, &["attribute", "create", "cardiology"]);
+    ok(&dir, &["attribute", "create", "nurse"]);
+    let c = rusqlite::Connection::open(dir.join("authority.db")).unwrap();
+    c.execute_batch("UPDATE audit SET seq = 9223372036854775807 WHERE seq = 2;")
+        .unwrap();
+    drop(c);
+    let out = run_within(&dir, &["audit", "verify"], 60);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("entry 9223372036854775807 was edited"),
+        "{text}"
+    );
+    assert!(
+        text.contains("entries after 1 are missing (next entry is 3)"),
+        "{text}"
+    );
+    let out = run_within(&dir, &["audit", "list"], 60);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listed = String::from_utf8_lossy(&out.stdout);
+    assert!(listed.contains("#9223372036854775807"), "{listed}");
+    assert!(!listed.contains("more from"), "{listed}");
+    let out = run_within(&dir, &["audit", "checkpoint"], 60);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = run_within(&dir, &["audit", "verify"], 60);
+    assert_eq!(out.status.code(), Some(3));
+}
+
+/// Names in `dir` (sorted), to see what a command left behind.
+fn listing(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// Regression: `init` wrote `authority-id` (unvalidated) and `kek.hex`
+/// before validating the id, so a typo left a directory that every later
+/// `init` refused as "not empty".
+#[test]
+fn init_validates_the_id_before_writing_anything() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("a");
+    for bad in ["Hospital_A", "", "-x", &"a".repeat(64)] {
+        let out = run(&dir, &["init", &format!("--authority-id={bad}")]);
+        assert!(!out.status.success(), "{bad:?} was accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("invalid authority id"), "{bad:?}: {err}");
+        assert!(listing(tmp.path()).is_empty(), "{bad:?} left files behind");
+    }
+    init(&dir);
+}
+
+/// A failure in the middle of `init` (here: the database cannot be reached)
+/// leaves nothing behind, and a retry works.
+#[test]
+fn a_failed_init_leaves_nothing_and_a_retry_works() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("a");
+    let out = run(
+        &dir,
+        &[
+            "--database-url",
+            "postgres://mabe@127.0.0.1:1/nowhere",
+            "init",
+            "--authority-id",
+            "hospital-a",
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(
+        listing(tmp.path()).is_empty(),
+        "left {:?}",
+        listing(tmp.path())
+    );
+    // An empty directory (made by the operator) is fine as a target.
+    std::fs::create_dir(&dir).unwrap();
+    init(&dir);
+    assert_eq!(listing(tmp.path()), vec!["a"]);
+    assert!(ok(&dir, &["audit", "verify"]).contains("audit log verifies"));
+}
+
+/// A crash in the middle of `init` leaves only a hidden staging directory
+/// beside the target: the next `init` removes an incomplete one and starts
+/// over, and moves a complete one (database initialised, keys written, only
+/// the final rename missing) into place.
+#[test]
+fn init_after_a_crash_starts_over_or_finishes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("a");
+    let staging = tmp.path().join(".a.init-staging");
+    // Crash before the database was initialised: id and KEK only.
+    std::fs::create_dir(&staging).unwrap();
+    std::fs::write(staging.join("authority-id"), "hospital-a\n").unwrap();
+    std::fs::write(staging.join("kek.hex"), "00".repeat(32)).unwrap();
+    init(&dir);
+    assert_eq!(listing(tmp.path()), vec!["a"]);
+    let identity = ok(&dir, &["info"]);
+
+    // Crash after the database commit, before the rename.
+    std::fs::rename(&dir, &staging).unwrap();
+    let out = ok(&dir, &["init", "--authority-id", "hospital-a"]);
+    assert!(out.contains("finished an interrupted init"), "{out}");
+    assert_eq!(listing(tmp.path()), vec!["a"]);
+    assert_eq!(ok(&dir, &["info"]), identity, "the same authority");
+    assert!(ok(&dir, &["audit", "verify"]).contains("audit log verifies"));
+
+    // A complete staging directory of another authority is not discarded.
+    std::fs::rename(&dir, &staging).unwrap();
+    let out = run(&dir, &["init", "--authority-id", "hospital-b"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("interrupted init of authority hospital-a"),
+        "{err}"
+    );
+    assert!(staging.join("admin.key").exists());
+}
+
+/// Deleting the newest entries that a checkpoint covers is reported as a
+/// truncation; `audit verify` shows how many entries no checkpoint covers.
+#[test]
+fn audit_verify_reports_truncation_and_uncovered_entries() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("a");
+    init(&dir);
+    ok(&dir, &["attribute", "create", "cardiology"]);
+    let text = ok(&dir, &["audit", "verify"]);
+    assert!(
+        text.contains("2 entries are not covered by any signed checkpoint"),
+        "{text}"
+    );
+    assert!(ok(&dir, &["audit", "checkpoint"]).contains("checkpoint signed at entry 2"));
+    // Again at the same head: the existing checkpoint stands.
+    assert!(ok(&dir, &["audit", "checkpoint"]).contains("checkpoint signed at entry 2"));
+    let text = ok(&dir, &["audit", "verify"]);
+    assert!(
+        text.contains("every entry is covered by the checkpoint at entry 2"),
+        "{text}"
+    );
+    ok(&dir, &["attribute", "create", "nurse"]);
+    let text = ok(&dir, &["audit", "verify"]);
+    assert!(
+        text.contains("1 entry after the checkpoint at entry 2 is not covered"),
+        "{text}"
+    );
+    ok(&dir, &["attribute", "create", "surgeon"]);
+    assert!(ok(&dir, &["audit", "checkpoint"]).contains("checkpoint signed at entry 4"));
+    let c = rusqlite::Connection::open(dir.join("authority.db")).unwrap();
+    c.execute_batch("DELETE FROM audit WHERE seq > 2;").unwrap();
+    drop(c);
+    let out = run(&dir, &["audit", "verify"]);
+    assert_eq!(out.status.code(), Some(3));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(
+            "PROBLEM: the log ends at entry 2 but a signed checkpoint covers entry 4: the newest \
+             entries were deleted"
+        ),
+        "{text}"
+    );
+}
+
+/// `attribute describe`, and listings longer than one page (the CLI follows
+/// `next_page_token`).
+#[test]
+fn attribute_describe_and_lists_longer_than_a_page() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("a");
+    init(&dir);
+    ok(&dir, &["attribute", "create", "cardiology"]);
+    let key = hex::encode(new_key().verifying_key().to_bytes());
+    let enrolled = ok(
+        &dir,
+        &[
+            "enroll",
+            "--registry",
+            "big",
+            "--subject",
+            "1",
+            "--request-key",
+            &key,
+        ],
+    );
+    let gid = enrolled.trim().rsplit(' ').next().unwrap().to_owned();
+    ok(&dir, &["grant", "--gid", &gid, "--attr", "cardiology"]);
+    ok(
+        &dir,
+        &["revoke", "--gid", &gid, "--attr", "cardiology", "--no-wait"],
+    );
+    ok(&dir, &["grant", "--gid", &gid, "--attr", "cardiology"]);
+    // 600 pending requests and 600 more attributes, written behind the CLI's back.
+    let c = rusqlite::Connection::open(dir.join("authority.db")).unwrap();
+    c.execute_batch(&format!(
+        "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 600)
+         INSERT INTO requests (gid, attribute, reason, state, created_at)
+             SELECT x'{gid}', 'cardiology@hospital-a', 'study ' || i, 'pending', 1700000000 FROM n;
+         WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 600)
+         INSERT INTO attributes (attribute, version, public_key, secret_sealed, state, created_at)
+             SELECT printf('bulk%03d@hospital-a', i), 1, x'00', x'00', 'current', 1700000000 FROM n;"
+    ))
+    .unwrap();
+    drop(c);
+    let text = ok(&dir, &["attribute", "describe", "cardiology"]);
+    for want in [
+        "attribute:       cardiology@hospital-a",
+        "current version: 2",
+        "superseded at",
+        "holders:         1",
+        "pending requests: 600",
+        "#1    ",
+        "and 500 more",
+        "rotation jobs:   1",
+        "v1 -> v2 pending",
+    ] {
+        assert!(text.contains(want), "{want:?} missing from\n{text}");
+    }
+    let missing = run(&dir, &["attribute", "describe", "ghost"]);
+    assert!(!missing.status.success());
+    let requests = ok(&dir, &["requests", "--state", "pending"]);
+    assert_eq!(requests.lines().count(), 600);
+    assert!(requests.contains("study 600"));
+    let attributes = ok(&dir, &["attribute", "list"]);
+    assert_eq!(attributes.lines().count(), 602);
+    assert!(attributes.contains("bulk600@hospital-a"));
+}
+
 struct Served {
     child: Child,
     public: u16,
@@ -137,6 +425,10 @@ struct Served {
 }
 
 fn serve(dir: &Path) -> Served {
+    serve_with(dir, &[])
+}
+
+fn serve_with(dir: &Path, extra: &[&str]) -> Served {
     let mut child = Command::new(BIN)
         .arg("--data-dir")
         .arg(dir)
@@ -147,6 +439,7 @@ fn serve(dir: &Path) -> Served {
             "--admin-listen",
             "127.0.0.1:0",
         ])
+        .args(extra)
         .env_remove("MABE_KEK")
         .env_remove("MABE_DATABASE_URL")
         .stdout(Stdio::piped())
@@ -429,6 +722,7 @@ fn admin_commands_drive_a_running_node_with_remote() {
     let gid = enrolled.trim().rsplit(' ').next().unwrap().to_owned();
     rok(&["grant", "--gid", &gid, "--attr", "cardiology"]);
     assert!(rok(&["attribute", "list"]).contains("1 holder(s)"));
+    assert!(rok(&["attribute", "describe", "cardiology"]).contains("holders:         1"));
     // A request filed over the public API, decided remotely.
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
@@ -505,4 +799,23 @@ fn terminate(child: &mut Child) {
         .args(["-TERM", &child.id().to_string()])
         .status();
     child.wait().unwrap();
+}
+
+/// `serve` signs a checkpoint when it stops, so the entries written while
+/// it ran are covered (their deletion becomes detectable).
+#[test]
+fn serve_signs_a_checkpoint_at_shutdown() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("a");
+    init(&dir);
+    ok(&dir, &["attribute", "create", "cardiology"]);
+    // No scheduled checkpoint: only the one at shutdown.
+    let mut served = serve_with(&dir, &["--checkpoint-every", "0"]);
+    terminate(&mut served.child);
+    let text = ok(&dir, &["audit", "verify"]);
+    assert!(text.contains("1 checkpoint(s) checked"), "{text}");
+    assert!(
+        text.contains("every entry is covered by the checkpoint at entry 2"),
+        "{text}"
+    );
 }

@@ -106,6 +106,7 @@ async fn lifecycle(store: Arc<dyn Store>) {
         .list_requests(signed(
             ListRequestsRequest {
                 state: "pending".into(),
+                ..Default::default()
             },
             "hospital-a",
             &admin("ListRequests"),
@@ -267,6 +268,7 @@ async fn lifecycle(store: Arc<dyn Store>) {
     );
     *moved.get_mut() = ListRequestsRequest {
         state: "pending".into(),
+        ..Default::default()
     };
     assert_eq!(
         r.admin

@@ -189,7 +189,7 @@ async fn metrics_on_the_admin_listener() {
     // The admin gRPC service still works on the metrics port: an unsigned
     // call is refused, a signed one answered.
     let err = admin
-        .list_attributes(ListAttributesRequest {})
+        .list_attributes(ListAttributesRequest::default())
         .await
         .expect_err("unsigned admin call");
     assert_eq!(err.code(), Code::Unauthenticated);

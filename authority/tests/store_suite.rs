@@ -13,13 +13,16 @@ use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use ed25519_dalek::{Signer, SigningKey};
-use mabe_authority::audit::{AuditProblem, Verifier, checkpoint_message, entry_hash};
+use mabe_authority::audit::{
+    AuditProblem, MAX_AUDIT_DETAIL_BYTES, MAX_AUDIT_FIELD_BYTES, Verifier, checkpoint_message,
+    entry_hash,
+};
 use mabe_authority::store::postgres::PgStore;
 use mabe_authority::store::sqlite::SqliteStore;
 use mabe_authority::store::{
     AttributeRecord, AuditEntry, AuditEvent, AuthorityMeta, Checkpoint, GrantRecord, NewRotation,
-    NonceUse, PersonRecord, RequestState, RotationState, Store, StoreError, StoreResult,
-    VersionState,
+    NonceUse, PersonRecord, RequestFilter, RequestState, RotationState, Store, StoreError,
+    StoreResult, VersionState,
 };
 
 // ---------------------------------------------------------------------------
@@ -266,6 +269,8 @@ suite!(
     concurrent_writes_with_failures_are_isolated,
     rotation_ends_its_grants_atomically,
     decision_spends_its_nonce_in_the_same_transaction,
+    audit_entries_are_bounded,
+    attributes_and_requests_come_in_pages,
 );
 
 // ---------------------------------------------------------------------------
@@ -1036,10 +1041,10 @@ async fn reopen_keeps_data_and_schema(h: Arc<Harness>) {
     // A third open applies nothing twice: one schema_version row per migration.
     let s = h.reopen().await;
     assert_eq!(s.meta().await.unwrap(), Some(meta()));
-    assert_eq!(h.query_i64("SELECT COUNT(*) FROM schema_version").await, 3);
+    assert_eq!(h.query_i64("SELECT COUNT(*) FROM schema_version").await, 4);
     assert_eq!(
         h.query_i64("SELECT MAX(version) FROM schema_version").await,
-        3
+        4
     );
 }
 
@@ -1392,4 +1397,152 @@ async fn decision_spends_its_nonce_in_the_same_transaction(h: Arc<Harness>) {
             .unwrap()
     );
     assert_eq!(s.holders(DOCTOR).await.unwrap().len(), 1);
+}
+
+/// No caller can make an audit entry large: the store cuts every field to
+/// its limit (with a marker) before hashing, so the chain still verifies and
+/// the returned entry is the stored one.
+async fn audit_entries_are_bounded(h: Arc<Harness>) {
+    let s = h.store();
+    let huge = AuditEvent {
+        actor: "a".repeat(100_000),
+        subject: Some("s".repeat(5_000)),
+        attribute: Some("x@y".repeat(1_000)),
+        detail: "é".repeat(2 << 20), // 4 MiB
+        ..ev("refusal")
+    };
+    let stored = s.append_audit(huge.clone()).await.unwrap();
+    let e = &stored.event;
+    assert!(
+        e.detail.len() <= MAX_AUDIT_DETAIL_BYTES,
+        "{}",
+        e.detail.len()
+    );
+    assert!(e.detail.ends_with("...[truncated, 4194304 bytes]"));
+    assert!(e.actor.len() <= MAX_AUDIT_FIELD_BYTES);
+    assert!(e.actor.ends_with("...[truncated, 100000 bytes]"));
+    assert!(e.subject.as_deref().unwrap().len() <= MAX_AUDIT_FIELD_BYTES);
+    assert!(e.attribute.as_deref().unwrap().len() <= MAX_AUDIT_FIELD_BYTES);
+    assert_eq!((e.kind.as_str(), e.ts), ("refusal", huge.ts));
+    // A small event is stored as given.
+    let small = s.append_audit(ev("issue")).await.unwrap();
+    assert_eq!(small.event, ev("issue"));
+    let entries = all_entries(&*s).await;
+    assert_eq!(entries, vec![stored, small]);
+    assert_chain(&entries, 2);
+}
+
+/// Attribute versions and requests are listed in pages (keyset paging: a
+/// page starts after the last item of the one before), with filters.
+async fn attributes_and_requests_come_in_pages(h: Arc<Harness>) {
+    let s = h.store();
+    for a in [NURSE, DOCTOR, "admin@hospital-a"] {
+        s.create_attribute(&attr(a, 1), ev("create-attribute"))
+            .await
+            .unwrap();
+    }
+    s.rotate_attribute(&attr(DOCTOR, 2), &rot(), ev("rotate"))
+        .await
+        .unwrap();
+    let key = |r: &AttributeRecord| (r.attribute.clone(), r.version);
+    let all: Vec<(String, u32)> = s.attributes().await.unwrap().iter().map(key).collect();
+    assert_eq!(all.len(), 4);
+    let mut paged = Vec::new();
+    let mut after: Option<(String, u32)> = None;
+    loop {
+        let page = s
+            .attributes_page(after.as_ref().map(|(a, v)| (a.as_str(), *v)), 3)
+            .await
+            .unwrap();
+        assert!(page.len() <= 3);
+        let Some(last) = page.last() else { break };
+        after = Some(key(last));
+        paged.extend(page.iter().map(key));
+    }
+    assert_eq!(paged, all, "pages are the whole listing, in order");
+    assert_eq!(
+        s.attributes_page(Some((DOCTOR, 1)), 1).await.unwrap()[0].version,
+        2
+    );
+    assert!(s.attributes_page(None, 0).await.unwrap().is_empty());
+    let rotations = s.attribute_rotations(DOCTOR).await.unwrap();
+    assert_eq!(
+        rotations
+            .iter()
+            .map(|r| (r.from_version, r.to_version))
+            .collect::<Vec<_>>(),
+        vec![(1, 2)]
+    );
+    assert!(s.attribute_rotations(NURSE).await.unwrap().is_empty());
+
+    for n in 1..=3 {
+        s.enroll(&person(n), ev("enroll")).await.unwrap();
+    }
+    let mut ids = Vec::new();
+    for (n, a) in [
+        (1, DOCTOR),
+        (2, NURSE),
+        (3, DOCTOR),
+        (1, NURSE),
+        (2, DOCTOR),
+    ] {
+        let r = s
+            .create_request(&[n; 32], a, "work", 100, ev("request"))
+            .await
+            .unwrap();
+        ids.push(r.id);
+    }
+    s.decide_request(ids[0], true, "admin", "", 200, ev("approve"), None)
+        .await
+        .unwrap();
+    let all = RequestFilter::default();
+    let pending = RequestFilter {
+        state: Some(RequestState::Pending),
+        attribute: None,
+    };
+    let pending_doctor = RequestFilter {
+        state: Some(RequestState::Pending),
+        attribute: Some(DOCTOR.to_owned()),
+    };
+    let page_ids = |p: Vec<mabe_authority::store::RequestRecord>| -> Vec<i64> {
+        p.iter().map(|r| r.id).collect()
+    };
+    assert_eq!(
+        page_ids(s.requests_page(&all, 0, 2).await.unwrap()),
+        ids[..2]
+    );
+    assert_eq!(
+        page_ids(s.requests_page(&all, ids[1], 2).await.unwrap()),
+        ids[2..4]
+    );
+    assert_eq!(
+        page_ids(s.requests_page(&all, ids[3], 2).await.unwrap()),
+        ids[4..]
+    );
+    assert!(s.requests_page(&all, ids[4], 2).await.unwrap().is_empty());
+    assert!(s.requests_page(&all, 0, 0).await.unwrap().is_empty());
+    assert_eq!(
+        page_ids(s.requests_page(&pending, 0, 10).await.unwrap()),
+        ids[1..]
+    );
+    assert_eq!(
+        page_ids(s.requests_page(&pending_doctor, 0, 10).await.unwrap()),
+        vec![ids[2], ids[4]]
+    );
+    assert_eq!(
+        page_ids(s.requests_page(&pending_doctor, ids[2], 10).await.unwrap()),
+        vec![ids[4]]
+    );
+    assert_eq!(s.count_requests(&all).await.unwrap(), 5);
+    assert_eq!(s.count_requests(&pending).await.unwrap(), 4);
+    assert_eq!(s.count_requests(&pending_doctor).await.unwrap(), 2);
+    assert_eq!(
+        s.count_requests(&RequestFilter {
+            state: Some(RequestState::Denied),
+            attribute: None
+        })
+        .await
+        .unwrap(),
+        0
+    );
 }

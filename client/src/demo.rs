@@ -201,8 +201,10 @@ impl Hospital {
         let list = self
             .admin
             .list_requests(signed(
+                // The demo files a handful of requests: one page holds them.
                 ListRequestsRequest {
                     state: "pending".into(),
+                    ..Default::default()
                 },
                 &self.id,
                 &format!("{ADMIN}ListRequests"),

@@ -204,6 +204,15 @@ impl RequestState {
     }
 }
 
+/// Which requests a listing returns.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RequestFilter {
+    /// Only requests in this state.
+    pub state: Option<RequestState>,
+    /// Only requests for this attribute (canonical text).
+    pub attribute: Option<String>,
+}
+
 /// A person's request for an attribute (researchers, family members).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RequestRecord {
@@ -445,6 +454,16 @@ pub trait Store: Send + Sync + fmt::Debug {
     async fn attributes(&self) -> StoreResult<Vec<AttributeRecord>>;
     /// Every version of one attribute, ordered by version.
     async fn attribute_versions(&self, attribute: &str) -> StoreResult<Vec<AttributeRecord>>;
+    /// One page of [`Store::attributes`]: the versions that come after
+    /// `after` (an attribute and version) in (attribute, version) order, or
+    /// from the first without it; at most `limit` (none if `limit <= 0`).
+    async fn attributes_page(
+        &self,
+        after: Option<(&str, u32)>,
+        limit: i64,
+    ) -> StoreResult<Vec<AttributeRecord>>;
+    /// Rotation jobs of one attribute, oldest first.
+    async fn attribute_rotations(&self, attribute: &str) -> StoreResult<Vec<RotationRecord>>;
 
     /// Enroll a person (`AlreadyExists` if the GID is enrolled).
     async fn enroll(&self, person: &PersonRecord, ev: AuditEvent) -> StoreResult<()>;
@@ -528,6 +547,16 @@ pub trait Store: Send + Sync + fmt::Debug {
     ) -> StoreResult<RequestRecord>;
     /// Requests, optionally only those in one state, ordered by id.
     async fn requests(&self, state: Option<RequestState>) -> StoreResult<Vec<RequestRecord>>;
+    /// One page of requests matching `filter`: those with an id above
+    /// `after_id`, ordered by id, at most `limit` (none if `limit <= 0`).
+    async fn requests_page(
+        &self,
+        filter: &RequestFilter,
+        after_id: i64,
+        limit: i64,
+    ) -> StoreResult<Vec<RequestRecord>>;
+    /// How many requests match `filter`.
+    async fn count_requests(&self, filter: &RequestFilter) -> StoreResult<i64>;
     /// Decide a pending request (`Conflict` if already decided, `NotFound` if no
     /// such id). Approval creates the grant (granted_by `request:<id>`) in the
     /// same transaction; an existing active grant is kept as is. With `nonce`,

@@ -23,13 +23,12 @@ use tokio_postgres::types::FromSql;
 use tokio_postgres::{Client, NoTls, Row, Transaction};
 
 use super::{
-    AttributeRecord, AuditEntry, AuditEvent, AuthorityMeta, Checkpoint, ChunkLease, GrantRecord,
-    NewRotation,
-    NonceUse, PersonRecord, ProxyRecord, RequestRecord, RequestState, RotationProgress,
-    RotationRecord, RotationState, Store, StoreError, StoreResult, VersionState,
+    AttributeRecord, AuditEntry, AuditEvent, AuthorityMeta, Checkpoint, ChunkLease, GrantRecord, NewRotation,
+    NonceUse, PersonRecord, ProxyRecord, RequestFilter, RequestRecord, RequestState,
+    RotationProgress, RotationRecord, RotationState, Store, StoreError, StoreResult, VersionState,
     check_same_snapshot,
 };
-use crate::audit::entry_hash;
+use crate::audit::{bounded, entry_hash};
 
 /// Schema migrations, in order: (version, SQL). Missing ones are applied in
 /// one transaction together with their `schema_version` rows.
@@ -529,7 +528,6 @@ async fn begin_audited(client: &mut Client) -> StoreResult<Transaction<'_>> {
     Ok(tx)
 }
 
-/// Append `ev` to the audit chain inside a transaction from [`begin_audited`].
 /// Progress rows of a rotation (one proxy's, or all, by proxy id).
 async fn progress_rows(
     tx: &Transaction<'_>,
@@ -611,7 +609,11 @@ async fn end_grant(
     Ok(())
 }
 
+/// Append `ev` (within the audit size limits, [`bounded`]) to the audit
+/// chain inside a transaction from [`begin_audited`].
 async fn append(tx: &Transaction<'_>, ev: &AuditEvent) -> StoreResult<AuditEntry> {
+    let within = bounded(ev);
+    let ev: &AuditEvent = &within;
     let last = tx
         .query_opt("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1", &[])
         .await
@@ -979,6 +981,42 @@ impl Store for PgStore {
             .await
             .map_err(pg_err)?;
         rows.iter().map(attr_from).collect()
+    }
+
+    async fn attributes_page(
+        &self,
+        after: Option<(&str, u32)>,
+        limit: i64,
+    ) -> StoreResult<Vec<AttributeRecord>> {
+        if limit <= 0 {
+            return Ok(Vec::new());
+        }
+        // ('', 0) sorts before every attribute: names are never empty.
+        let (attribute, version) = after.unwrap_or(("", 0));
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT {ATTR_COLS} FROM attributes WHERE (attribute, version) > ($1, $2)
+                     ORDER BY attribute, version LIMIT $3"
+                ),
+                &[&attribute, &i64::from(version), &limit],
+            )
+            .await
+            .map_err(pg_err)?;
+        rows.iter().map(attr_from).collect()
+    }
+
+    async fn attribute_rotations(&self, attribute: &str) -> StoreResult<Vec<RotationRecord>> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                &format!("SELECT {ROTATION_COLS} FROM rotations WHERE attribute = $1 ORDER BY id"),
+                &[&attribute],
+            )
+            .await
+            .map_err(pg_err)?;
+        rows.iter().map(rotation_from).collect()
     }
 
     async fn enroll(&self, p: &PersonRecord, ev: AuditEvent) -> StoreResult<()> {
@@ -1419,6 +1457,48 @@ impl Store for PgStore {
             .await
             .map_err(pg_err)?;
         rows.iter().map(request_from).collect()
+    }
+
+    async fn requests_page(
+        &self,
+        filter: &RequestFilter,
+        after_id: i64,
+        limit: i64,
+    ) -> StoreResult<Vec<RequestRecord>> {
+        if limit <= 0 {
+            return Ok(Vec::new());
+        }
+        let state = filter.state.map(RequestState::as_str);
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT {REQUEST_COLS} FROM requests
+                     WHERE ($1::TEXT IS NULL OR state = $1::TEXT)
+                       AND ($2::TEXT IS NULL OR attribute = $2::TEXT)
+                       AND id > $3
+                     ORDER BY id LIMIT $4"
+                ),
+                &[&state, &filter.attribute, &after_id, &limit],
+            )
+            .await
+            .map_err(pg_err)?;
+        rows.iter().map(request_from).collect()
+    }
+
+    async fn count_requests(&self, filter: &RequestFilter) -> StoreResult<i64> {
+        let state = filter.state.map(RequestState::as_str);
+        let client = self.client().await?;
+        let row = client
+            .query_one(
+                "SELECT COUNT(*) FROM requests
+                 WHERE ($1::TEXT IS NULL OR state = $1::TEXT)
+                   AND ($2::TEXT IS NULL OR attribute = $2::TEXT)",
+                &[&state, &filter.attribute],
+            )
+            .await
+            .map_err(pg_err)?;
+        get(&row, 0)
     }
 
     async fn decide_request(

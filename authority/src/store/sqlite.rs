@@ -20,13 +20,12 @@ use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 
 use super::{
-    AttributeRecord, AuditEntry, AuditEvent, AuthorityMeta, Checkpoint, ChunkLease, GrantRecord,
-    NewRotation,
-    NonceUse, PersonRecord, ProxyRecord, RequestRecord, RequestState, RotationProgress,
-    RotationRecord, RotationState, Store, StoreError, StoreResult, VersionState,
+    AttributeRecord, AuditEntry, AuditEvent, AuthorityMeta, Checkpoint, ChunkLease, GrantRecord, NewRotation,
+    NonceUse, PersonRecord, ProxyRecord, RequestFilter, RequestRecord, RequestState,
+    RotationProgress, RotationRecord, RotationState, Store, StoreError, StoreResult, VersionState,
     check_same_snapshot,
 };
-use crate::audit::entry_hash;
+use crate::audit::{bounded, entry_hash};
 
 /// Schema migrations, in order: (version, SQL). Each is applied once, in its
 /// own transaction together with its `schema_version` row.
@@ -45,6 +44,9 @@ const MIGRATIONS: &[(i64, &str)] = &[
 
 /// How long a writer waits for another process's write lock.
 const BUSY_TIMEOUT: Duration = Duration::from_millis(5000);
+
+/// How long [`SqliteStore::close`] waits for background writes to finish.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// An authority store in one SQLite database file.
 ///
@@ -221,6 +223,39 @@ impl SqliteStore {
             draining: Arc::new(AtomicBool::new(false)),
             location: location.into(),
         })
+    }
+
+    /// Close the database, so that its files (database and WAL) are
+    /// complete and may be moved: waits up to 10 s for background writes to
+    /// let go of the connection. Fails if another clone of this store is
+    /// still in use after that.
+    pub async fn close(self) -> StoreResult<()> {
+        let deadline = tokio::time::Instant::now() + CLOSE_TIMEOUT;
+        let mut conn = self.conn;
+        loop {
+            match Arc::try_unwrap(conn) {
+                Ok(mutex) => {
+                    let c = mutex.into_inner().map_err(|_| {
+                        StoreError::Backend(
+                            "the SQLite connection is unusable: a previous operation panicked \
+                             while holding it"
+                                .to_owned(),
+                        )
+                    })?;
+                    return c.close().map_err(|(_, e)| db_err(e));
+                }
+                Err(shared) => {
+                    if tokio::time::Instant::now() >= deadline {
+                        return Err(StoreError::Backend(format!(
+                            "cannot close {}: the connection is still in use",
+                            self.location
+                        )));
+                    }
+                    conn = shared;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        }
     }
 
     /// Run `f` with the connection on the blocking thread pool.
@@ -660,8 +695,11 @@ fn exists(conn: &Connection, sql: &str, params: impl rusqlite::Params) -> StoreR
     stmt.exists(params).map_err(db_err)
 }
 
-/// Append `ev` to the audit chain inside the caller's (immediate) transaction.
+/// Append `ev` (within the audit size limits, [`bounded`]) to the audit
+/// chain inside the caller's (immediate) transaction.
 fn append(conn: &Connection, ev: &AuditEvent) -> StoreResult<AuditEntry> {
+    let within = bounded(ev);
+    let ev: &AuditEvent = &within;
     let last: Option<(i64, Vec<u8>)> = conn
         .prepare_cached("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")
         .map_err(db_err)?
@@ -1089,6 +1127,45 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn attributes_page(
+        &self,
+        after: Option<(&str, u32)>,
+        limit: i64,
+    ) -> StoreResult<Vec<AttributeRecord>> {
+        if limit <= 0 {
+            return Ok(Vec::new());
+        }
+        // ('', 0) sorts before every attribute: names are never empty.
+        let (attribute, version) = after.map_or((String::new(), 0), |(a, v)| (a.to_owned(), v));
+        self.call(move |conn| {
+            query_all(
+                conn,
+                &format!(
+                    "SELECT {ATTR_COLS} FROM attributes WHERE (attribute, version) > (?1, ?2)
+                     ORDER BY attribute, version LIMIT ?3"
+                ),
+                params![attribute, i64::from(version), limit],
+                attr_row,
+                attr_from,
+            )
+        })
+        .await
+    }
+
+    async fn attribute_rotations(&self, attribute: &str) -> StoreResult<Vec<RotationRecord>> {
+        let attribute = attribute.to_owned();
+        self.call(move |conn| {
+            query_all(
+                conn,
+                &format!("SELECT {ROTATION_COLS} FROM rotations WHERE attribute = ?1 ORDER BY id"),
+                params![attribute],
+                rotation_row,
+                rotation_from,
+            )
+        })
+        .await
+    }
+
     async fn enroll(&self, person: &PersonRecord, ev: AuditEvent) -> StoreResult<()> {
         let p = person.clone();
         self.write(move |tx| {
@@ -1505,6 +1582,49 @@ impl Store for SqliteStore {
                 request_row,
                 request_from,
             )
+        })
+        .await
+    }
+
+    async fn requests_page(
+        &self,
+        filter: &RequestFilter,
+        after_id: i64,
+        limit: i64,
+    ) -> StoreResult<Vec<RequestRecord>> {
+        if limit <= 0 {
+            return Ok(Vec::new());
+        }
+        let state = filter.state.map(RequestState::as_str);
+        let attribute = filter.attribute.clone();
+        self.call(move |conn| {
+            query_all(
+                conn,
+                &format!(
+                    "SELECT {REQUEST_COLS} FROM requests
+                     WHERE (?1 IS NULL OR state = ?1) AND (?2 IS NULL OR attribute = ?2)
+                       AND id > ?3
+                     ORDER BY id LIMIT ?4"
+                ),
+                params![state, attribute, after_id, limit],
+                request_row,
+                request_from,
+            )
+        })
+        .await
+    }
+
+    async fn count_requests(&self, filter: &RequestFilter) -> StoreResult<i64> {
+        let state = filter.state.map(RequestState::as_str);
+        let attribute = filter.attribute.clone();
+        self.call(move |conn| {
+            conn.prepare_cached(
+                "SELECT COUNT(*) FROM requests
+                 WHERE (?1 IS NULL OR state = ?1) AND (?2 IS NULL OR attribute = ?2)",
+            )
+            .map_err(db_err)?
+            .query_row(params![state, attribute], |r| r.get(0))
+            .map_err(db_err)
         })
         .await
     }

@@ -28,6 +28,8 @@ pub struct Running {
     pub node: Arc<Node>,
     pub admin_key: SigningKey,
     pub public: AuthorityClient<Channel>,
+    /// The public listener's channel (for other services on it, e.g. health).
+    pub public_channel: Channel,
     pub admin: AuthorityAdminClient<Channel>,
     pub stop: Option<tokio::sync::oneshot::Sender<()>>,
     pub task: tokio::task::JoinHandle<()>,
@@ -87,8 +89,10 @@ pub async fn start_with(store: Arc<dyn Store>, config: NodeConfig) -> Running {
         .unwrap();
     });
     let cert = ck.cert.pem().into_bytes();
+    let public_channel = channel(p.port(), &cert).await;
     Running {
-        public: AuthorityClient::new(channel(p.port(), &cert).await),
+        public: AuthorityClient::new(public_channel.clone()),
+        public_channel,
         admin: AuthorityAdminClient::new(channel(a.port(), &cert).await),
         node,
         admin_key,
@@ -155,6 +159,11 @@ impl Running {
 /// A fresh, empty database on the test server (`MABE_TEST_DATABASE_URL`,
 /// which `scripts/with-postgres` exports), as a connected store.
 pub async fn fresh_pg(prefix: &str) -> PgStore {
+    PgStore::connect(&fresh_pg_url(prefix).await).await.unwrap()
+}
+
+/// Like [`fresh_pg`], but the URL of the new database (for raw access too).
+pub async fn fresh_pg_url(prefix: &str) -> String {
     let url = std::env::var("MABE_TEST_DATABASE_URL")
         .expect("set MABE_TEST_DATABASE_URL, or run through scripts/with-postgres");
     let db = format!("{prefix}_{}", OsRng.next_u64());
@@ -166,9 +175,8 @@ pub async fn fresh_pg(prefix: &str) -> PgStore {
         .batch_execute(&format!("CREATE DATABASE {db}"))
         .await
         .unwrap();
-    let db_url = match url.rsplit_once('/') {
+    match url.rsplit_once('/') {
         Some((base, _)) => format!("{base}/{db}"),
         None => panic!("database URL without a database name"),
-    };
-    PgStore::connect(&db_url).await.unwrap()
+    }
 }

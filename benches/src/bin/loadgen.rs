@@ -1139,21 +1139,30 @@ async fn decide_scenario(ctx: &Ctx, args: &Args, persons: &Arc<Vec<Person>>) -> 
         ("approved", ids.len().div_ceil(2)),
         ("denied", ids.len() / 2),
     ] {
-        let req = signed(
-            ListRequestsRequest {
-                state: state.into(),
-            },
-            AUTHORITY,
-            &format!("{ADMIN}ListRequests"),
-            &ctx.admin_key,
-        );
-        let got = timeout_at(ctx.deadline, ctx.admin(0).list_requests(req))
-            .await
-            .map_err(|_| anyhow!("deadline passed while listing requests"))?
-            .map_err(|s| anyhow!("ListRequests: {}", why(&s)))?
-            .into_inner()
-            .requests
-            .len();
+        // ListRequests is paged: count every page.
+        let (mut got, mut page_token) = (0, String::new());
+        loop {
+            let req = signed(
+                ListRequestsRequest {
+                    state: state.into(),
+                    page_token: page_token.clone(),
+                    page_size: 0,
+                },
+                AUTHORITY,
+                &format!("{ADMIN}ListRequests"),
+                &ctx.admin_key,
+            );
+            let page = timeout_at(ctx.deadline, ctx.admin(0).list_requests(req))
+                .await
+                .map_err(|_| anyhow!("deadline passed while listing requests"))?
+                .map_err(|s| anyhow!("ListRequests: {}", why(&s)))?
+                .into_inner();
+            got += page.requests.len();
+            if page.next_page_token.is_empty() || page.next_page_token == page_token {
+                break;
+            }
+            page_token = page.next_page_token;
+        }
         if outcome.passed() && got != want {
             outcome
                 .check_failures
