@@ -20,9 +20,9 @@ use mabe_authority::audit::{
 use mabe_authority::store::postgres::PgStore;
 use mabe_authority::store::sqlite::SqliteStore;
 use mabe_authority::store::{
-    AttributeRecord, AuditEntry, AuditEvent, AuthorityMeta, Checkpoint, GrantRecord, NewRotation,
-    NonceUse, PersonRecord, RequestFilter, RequestState, RotationState, Store, StoreError,
-    StoreResult, VersionState,
+    AttributeRecord, AuditEntry, AuditEvent, AuthorityMeta, Checkpoint, ChunkLease, GrantRecord,
+    NewRotation, NonceUse, PersonRecord, ProxyRecord, RequestFilter, RequestState, RotationState,
+    Store, StoreError, StoreResult, VersionState,
 };
 
 // ---------------------------------------------------------------------------
@@ -271,6 +271,7 @@ suite!(
     decision_spends_its_nonce_in_the_same_transaction,
     audit_entries_are_bounded,
     attributes_and_requests_come_in_pages,
+    chunk_leases_are_exclusive_and_expire,
 );
 
 // ---------------------------------------------------------------------------
@@ -1230,6 +1231,95 @@ async fn rotations_keep_the_sealed_secret_until_finished(h: Arc<Harness>) {
             .await,
         0
     );
+}
+
+/// Shares of a rotation's work: a chunk is leased to one replica at a time,
+/// its owner takes it back after a restart, a lease that ran out is taken
+/// over (and its old owner can no longer renew it), done chunks stay done,
+/// and concurrent claims never hand one chunk to two owners.
+async fn chunk_leases_are_exclusive_and_expire(h: Arc<Harness>) {
+    let s = h.store();
+    s.create_attribute(&attr(DOCTOR, 1), ev("create-attribute"))
+        .await
+        .unwrap();
+    let job = s
+        .rotate_attribute(&attr(DOCTOR, 2), &rot(), ev("rotate"))
+        .await
+        .unwrap();
+    for id in ["cloud-1", "cloud-2"] {
+        s.add_proxy(
+            &ProxyRecord {
+                id: id.into(),
+                endpoint: format!("https://{id}.example:7543"),
+                tls_root: b"-----BEGIN CERTIFICATE-----".to_vec(),
+                tls_name: "localhost".into(),
+                added_at: 1,
+            },
+            ev("proxy-add"),
+        )
+        .await
+        .unwrap();
+    }
+    let lease = |owner: &str, proxy: &str| ChunkLease {
+        rotation_id: job.id,
+        proxy_id: proxy.into(),
+        owner: owner.into(),
+    };
+    let (a, b) = (lease("replica-a", "cloud-1"), lease("replica-b", "cloud-1"));
+    assert_eq!(s.claim_chunk(&a, 4, 100, 130).await.unwrap(), Some(0));
+    assert_eq!(s.claim_chunk(&b, 4, 100, 130).await.unwrap(), Some(1));
+    // A replica takes its own unexpired lease back (after a restart).
+    assert_eq!(s.claim_chunk(&a, 4, 101, 131).await.unwrap(), Some(0));
+    assert!(s.update_chunk(&a, 0, 140, None).await.unwrap());
+    assert!(
+        !s.update_chunk(&b, 0, 140, None).await.unwrap(),
+        "only the owner renews"
+    );
+    assert!(s.update_chunk(&a, 0, 110, Some(110)).await.unwrap());
+    assert!(
+        !s.update_chunk(&a, 0, 150, None).await.unwrap(),
+        "a done chunk stays done"
+    );
+    assert_eq!(s.chunk_counts(job.id, "cloud-1").await.unwrap(), (1, 4));
+    assert_eq!(s.claim_chunk(&a, 4, 111, 141).await.unwrap(), Some(2));
+    assert_eq!(s.claim_chunk(&b, 4, 111, 141).await.unwrap(), Some(1));
+    assert_eq!(s.claim_chunk(&b, 4, 112, 142).await.unwrap(), Some(1));
+    // b stalls: once its lease ran out, a takes chunk 1 over, and b can no
+    // longer renew or finish it.
+    assert_eq!(s.claim_chunk(&a, 4, 200, 230).await.unwrap(), Some(1));
+    assert!(!s.update_chunk(&b, 1, 250, None).await.unwrap());
+    assert!(!s.update_chunk(&b, 1, 250, Some(250)).await.unwrap());
+    assert!(s.update_chunk(&a, 1, 250, Some(250)).await.unwrap());
+    // Nothing free for a third replica while a's chunks 2 and 3 are leased.
+    let c = lease("replica-c", "cloud-1");
+    assert_eq!(s.claim_chunk(&a, 4, 201, 231).await.unwrap(), Some(2));
+    assert_eq!(s.claim_chunk(&b, 4, 201, 231).await.unwrap(), Some(3));
+    assert_eq!(s.claim_chunk(&c, 4, 202, 232).await.unwrap(), None);
+    for (l, k) in [(&a, 2), (&b, 3)] {
+        assert!(s.update_chunk(l, k, 240, Some(240)).await.unwrap());
+    }
+    assert_eq!(s.chunk_counts(job.id, "cloud-1").await.unwrap(), (4, 4));
+    assert_eq!(s.claim_chunk(&c, 4, 300, 330).await.unwrap(), None);
+
+    // Concurrent claims at another proxy: 16 replicas, 8 chunks, each chunk
+    // to exactly one of them.
+    let mut tasks = Vec::new();
+    for i in 0..16 {
+        let s = Arc::clone(&s);
+        let l = lease(&format!("replica-{i}"), "cloud-2");
+        tasks.push(tokio::spawn(async move {
+            s.claim_chunk(&l, 8, 500, 530).await
+        }));
+    }
+    let mut got = Vec::new();
+    for t in tasks {
+        if let Some(k) = t.await.unwrap().unwrap() {
+            got.push(k);
+        }
+    }
+    got.sort_unstable();
+    assert_eq!(got, (0..8).collect::<Vec<u32>>(), "one owner per chunk");
+    assert_eq!(s.chunk_counts(job.id, "cloud-2").await.unwrap(), (0, 8));
 }
 
 /// Many writes at once, a fifth of them failing (duplicates): each caller gets
