@@ -35,7 +35,11 @@ fn python() -> PathBuf {
              set MABE_PYTHON to a python that has them",
             py.display(),
             match other {
-                Ok(o) => String::from_utf8_lossy(&o.stderr).trim().to_owned(),
+                Ok(o) => String::from_utf8_lossy(&o.stderr)
+                    .lines()
+                    .last()
+                    .unwrap_or_default()
+                    .to_owned(),
                 Err(e) => e.to_string(),
             }
         ),
