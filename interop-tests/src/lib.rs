@@ -81,6 +81,28 @@ pub fn bin(name: &str) -> PathBuf {
         if release {
             cmd.arg("--release");
         }
+        // Cargo gives this test process CARGO_MANIFEST_DIR, CARGO_PKG_* and
+        // the like. An inner cargo that inherits them sees ring's build
+        // script inputs (rerun-if-env-changed=CARGO_MANIFEST_DIR, …) change,
+        // rebuilds ring and everything above it, and the next plain `cargo`
+        // rebuilds them back: minutes each way on a small machine.
+        for (key, _) in std::env::vars_os() {
+            let Some(k) = key.to_str() else { continue };
+            if matches!(
+                k,
+                "CARGO_MANIFEST_DIR"
+                    | "CARGO_MANIFEST_PATH"
+                    | "CARGO_MANIFEST_LINKS"
+                    | "CARGO_CRATE_NAME"
+                    | "CARGO_BIN_NAME"
+                    | "CARGO_PRIMARY_PACKAGE"
+                    | "CARGO_TARGET_TMPDIR"
+            ) || k.starts_with("CARGO_PKG_")
+                || k.starts_with("CARGO_BIN_EXE_")
+            {
+                cmd.env_remove(k);
+            }
+        }
         let out = cmd.output().map_err(|e| e.to_string())?;
         if !out.status.success() {
             return Err(format!(
