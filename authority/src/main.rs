@@ -394,29 +394,50 @@ fn spawn_duties(
             }
         });
     };
-    every(drive_every, Box::new(|node| Box::pin(async move {
-        for (id, r) in mabe_authority::revocation::drive_pending(&node).await {
-            match r {
-                Ok(job) => tracing::info!(rotation = id, attribute = %job.attribute, "rotation finished at every proxy"),
-                Err(e) => tracing::warn!(rotation = id, error = %e, "rotation not finished; retrying on the next tick"),
-            }
-        }
-    })));
-    every(rotate_every, Box::new(|node| Box::pin(async move {
-        match node.rotate_expired().await {
-            Ok(done) => {
-                for r in done {
-                    tracing::info!(attribute = %r.attribute, version = r.new_version, "expired grants revoked");
+    every(
+        drive_every,
+        Box::new(|node| {
+            Box::pin(async move {
+                for (id, r) in mabe_authority::revocation::drive_pending(&node).await {
+                    match r {
+                        Ok(job) => {
+                            tracing::info!(rotation = id, attribute = %job.attribute, "rotation finished at every proxy")
+                        }
+                        Err(e) => {
+                            tracing::warn!(rotation = id, error = %e, "rotation not finished; retrying on the next tick")
+                        }
+                    }
                 }
-            }
-            Err(e) => tracing::warn!(error = %e, "rotate-expired failed; retrying on the next tick"),
-        }
-    })));
-    every(checkpoint_every, Box::new(|node| Box::pin(async move {
-        if let Err(e) = node.checkpoint().await {
-            tracing::warn!(error = %e, "audit checkpoint failed; retrying on the next tick");
-        }
-    })));
+            })
+        }),
+    );
+    every(
+        rotate_every,
+        Box::new(|node| {
+            Box::pin(async move {
+                match node.rotate_expired().await {
+                    Ok(done) => {
+                        for r in done {
+                            tracing::info!(attribute = %r.attribute, version = r.new_version, "expired grants revoked");
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "rotate-expired failed; retrying on the next tick")
+                    }
+                }
+            })
+        }),
+    );
+    every(
+        checkpoint_every,
+        Box::new(|node| {
+            Box::pin(async move {
+                if let Err(e) = node.checkpoint().await {
+                    tracing::warn!(error = %e, "audit checkpoint failed; retrying on the next tick");
+                }
+            })
+        }),
+    );
     duties
 }
 
@@ -553,7 +574,10 @@ fn progress_line(p: &ProxyProgress) -> String {
 /// terminal, else a line per proxy whenever its count moves (at most one a
 /// second) and when it is done.
 struct ProgressView {
-    bars: Option<(indicatif::MultiProgress, Mutex<BTreeMap<String, indicatif::ProgressBar>>)>,
+    bars: Option<(
+        indicatif::MultiProgress,
+        Mutex<BTreeMap<String, indicatif::ProgressBar>>,
+    )>,
     printed: Mutex<BTreeMap<String, (std::time::Instant, i64, bool)>>,
 }
 
@@ -585,15 +609,18 @@ impl ProgressView {
             bar.set_length(u64::try_from(p.rows_total).unwrap_or(0));
             bar.set_position(u64::try_from(p.rows_done).unwrap_or(0));
             let line = progress_line(p);
-            bar.set_message(line.rsplit_once('(').map_or(String::new(), |(_, r)| {
-                format!("({r}")
-            }));
+            bar.set_message(
+                line.rsplit_once('(')
+                    .map_or(String::new(), |(_, r)| format!("({r}")),
+            );
             if done {
                 bar.finish();
             }
             return;
         }
-        let Ok(mut printed) = self.printed.lock() else { return };
+        let Ok(mut printed) = self.printed.lock() else {
+            return;
+        };
         let now = std::time::Instant::now();
         let show = match printed.get(&p.proxy_id) {
             None => true,
@@ -1204,7 +1231,12 @@ async fn run(cli: Cli) -> Result<i32> {
                         .map(|r| r.id)
                         .collect();
                     if pending.is_empty() {
-                        list.rotations.iter().map(|r| r.id).max().into_iter().collect()
+                        list.rotations
+                            .iter()
+                            .map(|r| r.id)
+                            .max()
+                            .into_iter()
+                            .collect()
                     } else {
                         pending
                     }
@@ -1238,9 +1270,7 @@ async fn run(cli: Cli) -> Result<i32> {
                     .to_vec(),
                 _ => bail!("name the person with --gid, or with --registry and --subject"),
             };
-            let attr = attr
-                .clone()
-                .context("name the attribute with --attr")?;
+            let attr = attr.clone().context("name the attribute with --attr")?;
             let req = RevokeRequest {
                 gid,
                 attribute: attr,

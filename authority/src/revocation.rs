@@ -649,7 +649,11 @@ mod tests {
                     after_start && before_end
                 })
                 .collect();
-            assert_eq!(owners, vec![u32::from(b) / (256 / CHUNKS)], "first byte {b}");
+            assert_eq!(
+                owners,
+                vec![u32::from(b) / (256 / CHUNKS)],
+                "first byte {b}"
+            );
         }
         // The extremes: the smallest record id of chunk 1 is its first row.
         let (start, _) = chunk_range(1);

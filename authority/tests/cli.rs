@@ -641,7 +641,10 @@ async fn offline_issuance_writes_a_private_bundle_of_verifiable_keys() {
         );
     }
     let bundle = mabe_proto::bundle::decode(&std::fs::read(&out).unwrap()).unwrap();
-    assert!(bundle.directory.is_some(), "the bundle carries the signed directory");
+    assert!(
+        bundle.directory.is_some(),
+        "the bundle carries the signed directory"
+    );
     let (authority, keys) = (bundle.authority, bundle.keys);
     assert_eq!((authority.as_str(), keys.len()), ("hospital-a", 1));
     let store = SqliteStore::open(&dir.join("authority.db")).unwrap();

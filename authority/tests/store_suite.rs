@@ -1307,9 +1307,9 @@ async fn chunk_leases_are_exclusive_and_expire(h: Arc<Harness>) {
     for i in 0..16 {
         let s = Arc::clone(&s);
         let l = lease(&format!("replica-{i}"), "cloud-2");
-        tasks.push(tokio::spawn(async move {
-            s.claim_chunk(&l, 8, 500, 530).await
-        }));
+        tasks.push(tokio::spawn(
+            async move { s.claim_chunk(&l, 8, 500, 530).await },
+        ));
     }
     let mut got = Vec::new();
     for t in tasks {

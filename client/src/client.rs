@@ -257,9 +257,8 @@ impl Client {
     /// directory now in force and whether the imported one was stored.
     pub fn import_directory(&self, file: &[u8]) -> Result<(VerifiedDirectory, bool)> {
         let signed = crate::directory::SignedDirectory::from_bytes(file)?;
-        let body = mabe_proto::signing::Directory::decode(&signed.body).map_err(|e| {
-            ClientError::malformed("signed directory", e.to_string())
-        })?;
+        let body = mabe_proto::signing::Directory::decode(&signed.body)
+            .map_err(|e| ClientError::malformed("signed directory", e.to_string()))?;
         let id = AuthorityId::new(&body.authority)?;
         let t = self.trust.authority(&id)?;
         let dir = VerifiedDirectory::verify(t, signed)?;

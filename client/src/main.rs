@@ -986,7 +986,11 @@ async fn run(cli: Cli) -> Result<()> {
                 for (a, v, e) in d.entries() {
                     println!(
                         "  {a} version {v}{}",
-                        if e.current { " (current)" } else { " (superseded)" }
+                        if e.current {
+                            " (current)"
+                        } else {
+                            " (superseded)"
+                        }
                     );
                 }
             }

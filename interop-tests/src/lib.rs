@@ -819,7 +819,10 @@ impl User {
 
     /// Store a record file at the (only) record store; its record id.
     pub fn put(&self, record: &str) -> Result<String> {
-        Ok(self.ok(&["record", "put", "--in", record])?.trim().to_owned())
+        Ok(self
+            .ok(&["record", "put", "--in", record])?
+            .trim()
+            .to_owned())
     }
 
     /// Fetch record `id` from the (only) record store and decrypt it:

@@ -90,7 +90,9 @@ async fn break_glass_across_hospitals(backend: Backend) {
     let r1 = writer
         .encrypt(POLICY, b"allergies: penicillin", "r1.mabe")
         .unwrap();
-    let r2 = writer.encrypt(POLICY, b"discharge letter", "r2.mabe").unwrap();
+    let r2 = writer
+        .encrypt(POLICY, b"discharge letter", "r2.mabe")
+        .unwrap();
     let inspected = writer.ok(&["inspect", "--json", &r1]).unwrap();
     assert!(inspected.contains(EXPANDED), "{inspected}");
     let id1 = writer.put(&r1).unwrap();
@@ -171,7 +173,11 @@ async fn break_glass_across_hospitals(backend: Backend) {
             let len = u32::from_be_bytes(r[6..10].try_into().unwrap()) as usize;
             r[10 + len..].to_vec()
         };
-        assert_eq!(cut(&fetched), cut(&original), "payloads are never rewritten");
+        assert_eq!(
+            cut(&fetched),
+            cut(&original),
+            "payloads are never rewritten"
+        );
     }
     // Nor does fetching again help: the grant is gone.
     let fetched = physician

@@ -67,7 +67,9 @@ async fn shared_by_request(backend: Backend) {
     }
     phone.enroll_user(&daughter, &[]).unwrap();
     a.grant_user(&cardiologist, "cardiology").unwrap();
-    cardiologist.ok(&["keys", "fetch", "--authority", "hospital-a"]).unwrap();
+    cardiologist
+        .ok(&["keys", "fetch", "--authority", "hospital-a"])
+        .unwrap();
 
     // The researcher asks; hospital A's admin approves on the running node.
     let asked = researcher
@@ -256,7 +258,11 @@ async fn shared_by_request(backend: Backend) {
             run.stdout
         );
         assert_eq!(keys_of(&v, "withheld").len(), 2, "{}", run.stdout);
-        assert!(run.stderr.contains("withheld: policy needs"), "{}", run.stderr);
+        assert!(
+            run.stderr.contains("withheld: policy needs"),
+            "{}",
+            run.stderr
+        );
         if section == "personal_report" {
             assert_eq!(
                 v["sections"]["personal_report"],

@@ -103,10 +103,8 @@ async fn doctor_revoked(backend: Backend) {
 
     // The doctor opened one record before the revocation (and may keep its
     // plaintext; revocation cannot take that back).
-    let (first_id, (_, first_text, _)) = stored
-        .iter()
-        .find(|(_, (p, _, _))| *p == ONE_ROW)
-        .unwrap();
+    let (first_id, (_, first_text, _)) =
+        stored.iter().find(|(_, (p, _, _))| *p == ONE_ROW).unwrap();
     let opened = doc.get_and_decrypt(first_id).unwrap().ok().unwrap();
     assert_eq!(opened.stdout.as_bytes(), first_text.as_slice());
 

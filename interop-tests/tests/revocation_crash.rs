@@ -46,7 +46,10 @@ async fn wait_progress(proxy: &Proxy, below: usize, what: &str) -> usize {
 async fn wait_done(a: &Authority) {
     for _ in 0..600 {
         if let Ok(out) = a.ok(&["rotations"]) {
-            if out.lines().any(|l| l.starts_with("#1") && l.contains(" done ")) {
+            if out
+                .lines()
+                .any(|l| l.starts_with("#1") && l.contains(" done "))
+            {
                 return;
             }
         }
@@ -127,9 +130,8 @@ async fn crash_and_resume(backend: Backend) {
     // 3. PostgreSQL: the database server crashes under both, and restarts.
     if backend == Backend::Postgres {
         wait_progress(&proxy, before, "before the database crash").await;
-        let restart = std::env::var("MABE_TEST_PG_RESTART").expect(
-            "MABE_TEST_PG_RESTART is not set: run through scripts/with-postgres",
-        );
+        let restart = std::env::var("MABE_TEST_PG_RESTART")
+            .expect("MABE_TEST_PG_RESTART is not set: run through scripts/with-postgres");
         let status = std::process::Command::new(&restart).status().unwrap();
         assert!(status.success(), "restarting PostgreSQL failed");
         assert!(

@@ -104,9 +104,7 @@ pub fn decode_signed_directory(b: &[u8]) -> Result<(Vec<u8>, Vec<u8>), BundleErr
 /// # Ok::<(), mabe_proto::bundle::BundleError>(())
 /// ```
 pub fn encode(authority: &str, directory: &[u8], keys: &[Vec<u8>]) -> Zeroizing<Vec<u8>> {
-    let mut out = Zeroizing::new(Vec::with_capacity(
-        64 + directory.len() + keys.len() * 200,
-    ));
+    let mut out = Zeroizing::new(Vec::with_capacity(64 + directory.len() + keys.len() * 200));
     out.extend_from_slice(MAGIC_V2);
     put_lp(&mut out, authority.as_bytes());
     put_lp(&mut out, directory);
@@ -214,7 +212,10 @@ mod tests {
         let keys = vec![vec![7u8; 200], vec![9u8; 150]];
         let dir = encode_signed_directory(b"a directory body", &[5; 64]);
         for (b, directory) in [
-            (encode("hospital-a", &dir, &keys).to_vec(), Some(dir.clone())),
+            (
+                encode("hospital-a", &dir, &keys).to_vec(),
+                Some(dir.clone()),
+            ),
             (encode("hospital-a", b"", &keys).to_vec(), None),
             (v1("hospital-a", &keys), None),
         ] {

@@ -23,8 +23,8 @@ use tokio_postgres::types::FromSql;
 use tokio_postgres::{Client, NoTls, Row, Transaction};
 
 use super::{
-    AttributeRecord, AuditEntry, AuditEvent, AuthorityMeta, Checkpoint, ChunkLease, GrantRecord, NewRotation,
-    NonceUse, PersonRecord, ProxyRecord, RequestFilter, RequestRecord, RequestState,
+    AttributeRecord, AuditEntry, AuditEvent, AuthorityMeta, Checkpoint, ChunkLease, GrantRecord,
+    NewRotation, NonceUse, PersonRecord, ProxyRecord, RequestFilter, RequestRecord, RequestState,
     RotationProgress, RotationRecord, RotationState, Store, StoreError, StoreResult, VersionState,
     check_same_snapshot,
 };

@@ -20,8 +20,8 @@ use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 
 use super::{
-    AttributeRecord, AuditEntry, AuditEvent, AuthorityMeta, Checkpoint, ChunkLease, GrantRecord, NewRotation,
-    NonceUse, PersonRecord, ProxyRecord, RequestFilter, RequestRecord, RequestState,
+    AttributeRecord, AuditEntry, AuditEvent, AuthorityMeta, Checkpoint, ChunkLease, GrantRecord,
+    NewRotation, NonceUse, PersonRecord, ProxyRecord, RequestFilter, RequestRecord, RequestState,
     RotationProgress, RotationRecord, RotationState, Store, StoreError, StoreResult, VersionState,
     check_same_snapshot,
 };
@@ -1444,7 +1444,13 @@ impl Store for SqliteStore {
                 )
                 .map_err(db_err)?
                 .query_row(
-                    params![lease.rotation_id, lease.proxy_id, lease.owner, now, lease_until],
+                    params![
+                        lease.rotation_id,
+                        lease.proxy_id,
+                        lease.owner,
+                        now,
+                        lease_until
+                    ],
                     |r| r.get(0),
                 )
                 .optional()
@@ -1495,7 +1501,9 @@ impl Store for SqliteStore {
                      WHERE rotation_id = ?1 AND proxy_id = ?2",
                 )
                 .map_err(db_err)?
-                .query_row(params![rotation_id, proxy_id], |r| Ok((r.get(0)?, r.get(1)?)))
+                .query_row(params![rotation_id, proxy_id], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })
                 .map_err(db_err)?;
             Ok((
                 u32::try_from(done).unwrap_or(u32::MAX),
