@@ -20,7 +20,7 @@
 //! believed only once it decrypts and its signature verifies.
 //!
 //! ```no_run
-//! # async fn demo(p: &mabe_client::trust::ProxyEndpoint) -> mabe_client::Result<()> {
+//! # async fn demo(p: &mabe_client::trust::ProxyEndpoint) -> Result<(), Box<dyn std::error::Error>> {
 //! let mut store = mabe_client::records::connect(p).await?;
 //! let id = mabe_client::records::put(&mut store, &p.id, std::fs::File::open("scan.mabe")?).await?;
 //! let out = std::fs::File::create("again.mabe")?;

@@ -438,7 +438,21 @@ fn tampered_directories_impostor_keys_and_untrusted_authorities_are_refused() {
     imp.grant(&gid, "cardiology");
     let bundle = p.path("impostor.bundle");
     imp.ok(&["issue", "--gid", &gid, "--out", bundle.to_str().unwrap()]);
+    // The bundle carries the impostor's directory, whose signature does not
+    // verify with the pinned identity key.
     p.run(&["keys", "import", bundle.to_str().unwrap()])
+        .fails_with(5, "directory of hospital-a refused");
+    // Without that directory, the key is checked against the real, pinned
+    // one and fails the pairing check.
+    let decoded = mabe_proto::bundle::decode(&std::fs::read(&bundle).unwrap()).unwrap();
+    let keys: Vec<Vec<u8>> = decoded.keys.iter().map(|k| k.to_vec()).collect();
+    let bare = p.path("impostor-bare.bundle");
+    std::fs::write(
+        &bare,
+        mabe_proto::bundle::encode(&decoded.authority, b"", &keys).as_slice(),
+    )
+    .unwrap();
+    p.run(&["keys", "import", bare.to_str().unwrap()])
         .fails_with(5, "key from hospital-a refused");
     // A bundle from an authority not in the trust file.
     let x = Authority::init("hospital-x", &["cardiology"]);
