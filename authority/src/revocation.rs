@@ -29,7 +29,7 @@
 //!
 //! [`Store::claim_chunk`]: crate::store::Store::claim_chunk
 
-use std::{sync::Arc, time::Duration};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use ark_std::rand::rngs::OsRng;
 use mabe_abe::{RecordId, Snapshot, SnapshotRow, TokenGenerator, UpdateSecret, Version};
@@ -93,6 +93,36 @@ fn decode_row(proxy: &str, r: &mabe_proto::v1::SnapshotRow) -> NodeResult<Snapsh
     })
 }
 
+/// The frozen snapshot's rows by (record, row), with the encoding of each
+/// `C2` as the proxy sent it at the freeze (and the driver validated then).
+/// Rows the proxy later lists as pending are matched against it by a byte
+/// comparison instead of being decoded and validated a second time; a row
+/// that is not in the snapshot, or whose `C2` differs, is refused.
+type SnapshotIndex = HashMap<(RecordId, u32), (SnapshotRow, Vec<u8>)>;
+
+fn known_row(
+    proxy: &str,
+    index: &SnapshotIndex,
+    r: &mabe_proto::v1::SnapshotRow,
+) -> NodeResult<SnapshotRow> {
+    let id: [u8; 16] = r
+        .record_id
+        .as_slice()
+        .try_into()
+        .map_err(|_| proxy_err(proxy, "a pending row's record id is not 16 bytes"))?;
+    match index.get(&(RecordId::from_bytes(id), r.row)) {
+        Some((row, c2)) if *c2 == r.c2 => Ok(*row),
+        _ => Err(proxy_err(
+            proxy,
+            format!(
+                "pending row {}#{} is not in the frozen snapshot",
+                hex::encode(id),
+                r.row
+            ),
+        )),
+    }
+}
+
 /// Drive rotation `rotation_id` at every registered proxy, then erase its
 /// update secret. `report` is called after every step with the progress at
 /// the proxy being driven. Returns the finished job.
@@ -148,7 +178,7 @@ async fn freeze(
     job: &RotationRecord,
     proxy: &ProxyRecord,
     from: Version,
-) -> NodeResult<(Snapshot, RotationProgress)> {
+) -> NodeResult<(Snapshot, SnapshotIndex, RotationProgress)> {
     let attribute: mabe_abe::Attribute = job
         .attribute
         .parse()
@@ -168,6 +198,7 @@ async fn freeze(
         .into_inner();
     let mut summary = None;
     let mut snapshot = Snapshot::new(attribute, from);
+    let mut index = SnapshotIndex::new();
     while let Some(msg) = stream
         .message()
         .await
@@ -177,9 +208,9 @@ async fn freeze(
             Some(freeze_response::Part::Summary(s)) if summary.is_none() => summary = Some(s),
             Some(freeze_response::Part::Rows(rows)) if summary.is_some() => {
                 for r in &rows.rows {
-                    snapshot
-                        .insert(decode_row(&proxy.id, r)?)
-                        .map_err(|e| proxy_err(&proxy.id, e))?;
+                    let row = decode_row(&proxy.id, r)?;
+                    snapshot.insert(row).map_err(|e| proxy_err(&proxy.id, e))?;
+                    index.insert((row.record, row.row), (row, r.c2.clone()));
                 }
             }
             _ => return Err(proxy_err(&proxy.id, "freeze stream out of order")),
@@ -213,7 +244,7 @@ async fn freeze(
             done_at: None,
         })
         .await?;
-    Ok((snapshot, progress))
+    Ok((snapshot, index, progress))
 }
 
 async fn status_page(
@@ -241,28 +272,34 @@ async fn status_page(
         .into_inner())
 }
 
-/// Every row still pending at the proxy, in (record, row) order.
+/// Rows still pending at the proxy after page token `start` and before
+/// record id `end` (`None`: to the end), in (record, row) order, each
+/// matched against the frozen snapshot; and the proxy's total pending count.
 async fn pending_rows(
     node: &Node,
     client: &mut ProxyAuthorityClient<Channel>,
     job: &RotationRecord,
     proxy: &str,
+    index: &SnapshotIndex,
+    (start, end): (Vec<u8>, Option<[u8; 16]>),
 ) -> NodeResult<(u64, Vec<SnapshotRow>)> {
     let mut rows = Vec::new();
-    let mut token = Vec::new();
+    let mut token = start;
     let mut pending = None;
     loop {
         let page = status_page(node, client, job, proxy, token, STATUS_PAGE).await?;
         pending.get_or_insert(page.pending_rows);
         for r in &page.pending {
-            rows.push(decode_row(proxy, r)?);
+            if end.is_some_and(|e| r.record_id.as_slice() >= e.as_slice()) {
+                return Ok((pending.unwrap_or(0), rows));
+            }
+            rows.push(known_row(proxy, index, r)?);
         }
         if page.next_page_token.is_empty() {
-            break;
+            return Ok((pending.unwrap_or(0), rows));
         }
         token = page.next_page_token;
     }
-    Ok((pending.unwrap_or(0), rows))
 }
 
 /// Compute the tokens of `rows` on every core; each is encoded for the wire.
@@ -395,31 +432,6 @@ fn chunk_range(k: u32) -> (Vec<u8>, Option<[u8; 16]>) {
     (start, end)
 }
 
-/// Rows still pending at the proxy whose record id is in chunk `k`.
-async fn pending_rows_in(
-    node: &Node,
-    client: &mut ProxyAuthorityClient<Channel>,
-    job: &RotationRecord,
-    proxy: &str,
-    k: u32,
-) -> NodeResult<Vec<SnapshotRow>> {
-    let (mut token, end) = chunk_range(k);
-    let mut rows = Vec::new();
-    loop {
-        let page = status_page(node, client, job, proxy, token, STATUS_PAGE).await?;
-        for r in &page.pending {
-            if end.is_some_and(|e| r.record_id.as_slice() >= e.as_slice()) {
-                return Ok(rows);
-            }
-            rows.push(decode_row(proxy, r)?);
-        }
-        if page.next_page_token.is_empty() {
-            return Ok(rows);
-        }
-        token = page.next_page_token;
-    }
-}
-
 /// One proxy's part of a rotation, as this replica drives it.
 struct ProxyRun<'a> {
     node: &'a Node,
@@ -427,6 +439,7 @@ struct ProxyRun<'a> {
     job: &'a RotationRecord,
     proxy: &'a ProxyRecord,
     tokens_gen: Arc<TokenGenerator>,
+    index: SnapshotIndex,
     progress: RotationProgress,
     report: &'a (dyn Fn(&RotationProgress) + Send + Sync),
 }
@@ -553,7 +566,7 @@ async fn drive_proxy(
 ) -> NodeResult<()> {
     let from = Version::new(job.from_version);
     let mut client = connect(proxy).await?;
-    let (snapshot, progress) = freeze(node, &mut client, job, proxy, from).await?;
+    let (snapshot, index, progress) = freeze(node, &mut client, job, proxy, from).await?;
     report(&progress);
     if progress.done_at.is_some() {
         return Ok(());
@@ -564,6 +577,7 @@ async fn drive_proxy(
         job,
         proxy,
         tokens_gen: Arc::new(secret.token_generator(snapshot, &mut OsRng)?),
+        index,
         progress,
         report,
     };
@@ -581,7 +595,15 @@ async fn drive_proxy(
         let until = t.saturating_add(node.config().chunk_lease_secs);
         match node.store().claim_chunk(&lease, CHUNKS, t, until).await? {
             Some(chunk) => {
-                let rows = pending_rows_in(node, &mut run.client, job, &proxy.id, chunk).await?;
+                let (_, rows) = pending_rows(
+                    node,
+                    &mut run.client,
+                    job,
+                    &proxy.id,
+                    &run.index,
+                    chunk_range(chunk),
+                )
+                .await?;
                 run.send_rows(&rows, Some((&lease, chunk))).await?;
                 node.store()
                     .update_chunk(&lease, chunk, now(), Some(now()))
@@ -603,7 +625,15 @@ async fn drive_proxy(
     //    the proxy as done.
     let mut last_pending = u64::MAX;
     loop {
-        let (pending, rows) = pending_rows(node, &mut run.client, job, &proxy.id).await?;
+        let (pending, rows) = pending_rows(
+            node,
+            &mut run.client,
+            job,
+            &proxy.id,
+            &run.index,
+            (Vec::new(), None),
+        )
+        .await?;
         if pending == 0 {
             run.update_progress(true).await?;
             return Ok(());

@@ -259,7 +259,8 @@ async fn shared_by_request(backend: Backend) {
         );
         assert_eq!(keys_of(&v, "withheld").len(), 2, "{}", run.stdout);
         assert!(
-            run.stderr.contains("withheld: cannot decrypt: policy needs"),
+            run.stderr
+                .contains("withheld: cannot decrypt: policy needs"),
             "{}",
             run.stderr
         );

@@ -23,7 +23,8 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
         let target = to.join(e.file_name());
         if e.file_type().unwrap().is_dir() {
             copy_dir(&e.path(), &target);
-        } else if e.file_name() != "instance-id" && !e.file_name().to_string_lossy().ends_with(".log")
+        } else if e.file_name() != "instance-id"
+            && !e.file_name().to_string_lossy().ends_with(".log")
         {
             std::fs::copy(e.path(), &target).unwrap();
         }
@@ -100,7 +101,10 @@ async fn two_replicas_share_one_revocation_postgres() {
     let mut done = false;
     for _ in 0..600 {
         let out = first.ok(&["rotations"]).unwrap();
-        if out.lines().any(|l| l.starts_with("#1") && l.contains(" done ")) {
+        if out
+            .lines()
+            .any(|l| l.starts_with("#1") && l.contains(" done "))
+        {
             done = true;
             break;
         }
@@ -129,7 +133,11 @@ async fn two_replicas_share_one_revocation_postgres() {
         16,
         "every chunk done once: {owners:?}"
     );
-    assert_eq!(owners.len(), 2, "both replicas did part of the work: {owners:?}");
+    assert_eq!(
+        owners.len(),
+        2,
+        "both replicas did part of the work: {owners:?}"
+    );
     let instance = |dir: &std::path::Path| {
         std::fs::read_to_string(dir.join("instance-id"))
             .unwrap()
