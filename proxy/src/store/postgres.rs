@@ -7,6 +7,16 @@
 //! [`super::attribute_lock_key`] (in ascending key order, so they cannot
 //! deadlock): shared for an upload's commit and a token batch, exclusive for
 //! a freeze. A token batch updates records in ascending record-id order.
+//!
+//! A freeze stores its snapshot with one `INSERT … SELECT … RETURNING` and
+//! computes the Merkle root and row count from the rows that statement
+//! returns: under READ COMMITTED every statement sees its own snapshot, so
+//! a root computed by an earlier `SELECT` could include a record that a
+//! concurrent `DELETE` (which takes no attribute lock) removed before the
+//! `INSERT` ran, and the stored root would never match the stored rows.
+//! (REPEATABLE READ would not do: its snapshot would be taken before the
+//! freeze's advisory lock is granted, and miss uploads committed while it
+//! waited.)
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -735,38 +745,49 @@ impl Store for PgStore {
                 )));
             }
         }
-        let rows: Vec<SnapRow> = tx
+        // The freeze row first (the snapshot rows reference it), with a
+        // placeholder root and count that this transaction replaces before
+        // it commits; nobody else can see it before then.
+        let version_i = i64::from(version);
+        tx.execute(
+            "INSERT INTO freezes (attribute, version, frozen_by, frozen_at, row_count, merkle_root)
+             VALUES ($1, $2, $3, $4, 0, $5)",
+            &[
+                &attribute,
+                &version_i,
+                &authority_id,
+                &frozen_at,
+                &[0u8; 32].as_slice(),
+            ],
+        )
+        .await
+        .map_err(pg_err)?;
+        // Copy the rows in one statement (100,000 rows must not take 100,000
+        // round trips), and compute the root from exactly the rows it stored.
+        let mut rows: Vec<SnapRow> = tx
             .query(
-                "SELECT record_id, row_index, c2 FROM record_rows
-                 WHERE attribute = $1 AND version = $2 ORDER BY record_id, row_index",
-                &[&attribute, &i64::from(version)],
+                "INSERT INTO snapshot_rows (attribute, version, record_id, row_index, c2)
+                 SELECT attribute, version, record_id, row_index, c2 FROM record_rows
+                 WHERE attribute = $1 AND version = $2
+                 RETURNING record_id, row_index, c2",
+                &[&attribute, &version_i],
             )
             .await
             .map_err(pg_err)?
             .iter()
             .map(snap_row)
             .collect::<Result<_>>()?;
+        rows.sort_unstable();
         let root = snapshot_root(attribute, version, &rows);
         tx.execute(
-            "INSERT INTO freezes (attribute, version, frozen_by, frozen_at, row_count, merkle_root)
-             VALUES ($1, $2, $3, $4, $5, $6)",
+            "UPDATE freezes SET row_count = $3, merkle_root = $4
+             WHERE attribute = $1 AND version = $2",
             &[
                 &attribute,
-                &i64::from(version),
-                &authority_id,
-                &frozen_at,
+                &version_i,
                 &(rows.len() as i64),
                 &root.as_slice(),
             ],
-        )
-        .await
-        .map_err(pg_err)?;
-        // Copy the rows in one statement (100,000 rows must not take 100,000 round trips).
-        tx.execute(
-            "INSERT INTO snapshot_rows (attribute, version, record_id, row_index, c2)
-             SELECT attribute, version, record_id, row_index, c2 FROM record_rows
-             WHERE attribute = $1 AND version = $2",
-            &[&attribute, &i64::from(version)],
         )
         .await
         .map_err(pg_err)?;
