@@ -21,7 +21,14 @@
 //! attribute take a transaction-scoped advisory lock derived from it
 //! ([`attribute_lock_key`]): shared for uploads and token batches, exclusive
 //! for a freeze. So a freeze sees every upload committed before it, and every
-//! upload committed after it sees the freeze.
+//! upload committed after it sees the freeze. A freeze's Merkle root and row
+//! count are computed from exactly the rows its snapshot stores, in the same
+//! transaction, so a record deleted concurrently is either in both or in
+//! neither.
+//!
+//! CPU-heavy work (decoding and re-encoding headers, hashing a large
+//! snapshot) runs in a bounded blocking section ([`crate::cpu`]), never on
+//! the async runtime's worker threads.
 
 use std::collections::BTreeMap;
 use std::fmt;
