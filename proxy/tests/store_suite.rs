@@ -279,6 +279,7 @@ suite!(
     reopen_keeps_everything,
     newer_schema_is_refused,
     freeze_root_matches_its_rows_when_a_delete_races,
+    read_record_returns_the_first_chunk_with_the_record,
 );
 
 // ---------------------------------------------------------------------------
@@ -1045,4 +1046,26 @@ async fn freeze_root_matches_its_rows_when_a_delete_races(h: Arc<Harness>) {
     }
     // A repeated freeze returns the same snapshot.
     assert_eq!(s.freeze(a, 1, "hospital-a", NOW).await.unwrap(), f);
+}
+
+async fn read_record_returns_the_first_chunk_with_the_record(h: Arc<Harness>) {
+    let s = h.store();
+    let mut w = World::new(&["doctor@hospital-a"], 12);
+    // Three chunks, one chunk, and an empty payload.
+    for (size, chunk) in [(3000usize, 1000usize), (700, 1000), (0, 1000)] {
+        let (header, _) = w.encrypt("doctor@hospital-a", b"x");
+        let payload: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+        let rid = put(&*s, &header, &payload, chunk).await;
+        let read = s.read_record(&rid).await.unwrap().unwrap();
+        assert_eq!(read.record, s.record(&rid).await.unwrap().unwrap());
+        assert_eq!(read.record.header, header.to_bytes());
+        assert_eq!(read.record.payload_size, size as u64);
+        assert_eq!(read.record.chunks, size.div_ceil(chunk) as i64);
+        assert_eq!(
+            read.first_chunk,
+            payload.chunks(chunk).next().map(<[u8]>::to_vec)
+        );
+        assert_eq!(read_payload(&*s, &rid).await, payload);
+    }
+    assert!(s.read_record(&[9; 16]).await.unwrap().is_none());
 }

@@ -149,6 +149,26 @@ impl fmt::Debug for StoredRecord {
     }
 }
 
+/// A record's metadata and its first payload chunk, read together from one
+/// consistent view ([`Store::read_record`]): a record of at most one chunk
+/// (every payload up to [`crate::STORE_CHUNK_BYTES`]) is read whole.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RecordRead {
+    /// The record's metadata and current header.
+    pub record: StoredRecord,
+    /// Chunk 0 of the payload; `None` if the payload is empty.
+    pub first_chunk: Option<Vec<u8>>,
+}
+
+impl fmt::Debug for RecordRead {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RecordRead")
+            .field("record", &self.record)
+            .field("first_chunk_len", &self.first_chunk.as_ref().map(Vec::len))
+            .finish()
+    }
+}
+
 /// One entry of a record listing.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RecordSummary {
@@ -282,6 +302,30 @@ pub trait Store: Send + Sync + fmt::Debug {
 
     /// One record's metadata.
     async fn record(&self, record_id: &RecordId) -> Result<Option<StoredRecord>>;
+    /// One record's metadata and its first payload chunk, from one
+    /// consistent view (what `GetRecord` starts with: a record of one chunk
+    /// costs one read). `Corrupt` if the record has chunks but chunk 0 is
+    /// missing.
+    ///
+    /// The default reads [`Store::record`], then [`Store::chunk`] (two
+    /// views: a record deleted in between reads as not found).
+    async fn read_record(&self, record_id: &RecordId) -> Result<Option<RecordRead>> {
+        let Some(record) = self.record(record_id).await? else {
+            return Ok(None);
+        };
+        let first_chunk = if record.chunks > 0 {
+            match self.chunk(record.blob_id, 0).await? {
+                Some(c) => Some(c),
+                None => return Ok(None),
+            }
+        } else {
+            None
+        };
+        Ok(Some(RecordRead {
+            record,
+            first_chunk,
+        }))
+    }
     /// Chunk `seq` of a committed blob.
     async fn chunk(&self, blob_id: i64, seq: i64) -> Result<Option<Vec<u8>>>;
     /// Records with ids greater than `after`, ordered by id, at most `limit`.

@@ -17,6 +17,9 @@
 //! (REPEATABLE READ would not do: its snapshot would be taken before the
 //! freeze's advisory lock is granted, and miss uploads committed while it
 //! waited.)
+//!
+//! Reads (`read_record`, `chunk`, `record`) use cached prepared statements:
+//! one round trip each.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -30,9 +33,9 @@ use tokio_postgres::types::{FromSql, ToSql};
 use tokio_postgres::{Client, NoTls, Row};
 
 use super::{
-    C2Bytes, FreezeInfo, FreezeProgress, GroupOutcome, NewRecord, RecordId, RecordSummary, SnapRow,
-    Store, StoredRecord, TokenGroup, TrustedAuthority, UpdatePlan, attribute_lock_key, fixed,
-    non_negative, plan_update, small, snapshot_root,
+    C2Bytes, FreezeInfo, FreezeProgress, GroupOutcome, NewRecord, RecordId, RecordRead,
+    RecordSummary, SnapRow, Store, StoredRecord, TokenGroup, TrustedAuthority, UpdatePlan,
+    attribute_lock_key, fixed, non_negative, plan_update, small, snapshot_root,
 };
 use crate::error::{ProxyError, Result};
 
@@ -231,6 +234,20 @@ async fn count_pending<C: GenericClient>(c: &C, attribute: &str, version: u32) -
         .await
         .map_err(pg_err)?;
     non_negative(get(&row, 0)?, "pending count")
+}
+
+/// A record from the first seven columns of `r` (record_id, header,
+/// blob_id, chunk_count, payload_size, payload_sha256, created_at).
+fn stored_record(r: &Row) -> Result<StoredRecord> {
+    Ok(StoredRecord {
+        record_id: fixed(get::<&[u8]>(r, 0)?, "record id")?,
+        header: get(r, 1)?,
+        blob_id: get(r, 2)?,
+        chunks: get(r, 3)?,
+        payload_size: non_negative(get(r, 4)?, "payload size")?,
+        payload_sha256: fixed(get::<&[u8]>(r, 5)?, "payload digest")?,
+        created_at: get(r, 6)?,
+    })
 }
 
 fn snap_row(r: &Row) -> Result<SnapRow> {
@@ -615,37 +632,67 @@ impl Store for PgStore {
 
     async fn record(&self, record_id: &RecordId) -> Result<Option<StoredRecord>> {
         let client = self.client().await?;
-        client
-            .query_opt(
+        let stmt = client
+            .prepare_cached(
                 "SELECT record_id, header, blob_id, chunk_count, payload_size, payload_sha256,
                         created_at
                  FROM records WHERE record_id = $1",
-                &[&record_id.as_slice()],
             )
             .await
+            .map_err(pg_err)?;
+        client
+            .query_opt(&stmt, &[&record_id.as_slice()])
+            .await
             .map_err(pg_err)?
-            .map(|r| {
-                Ok(StoredRecord {
-                    record_id: fixed(get::<&[u8]>(&r, 0)?, "record id")?,
-                    header: get(&r, 1)?,
-                    blob_id: get(&r, 2)?,
-                    chunks: get(&r, 3)?,
-                    payload_size: non_negative(get(&r, 4)?, "payload size")?,
-                    payload_sha256: fixed(get::<&[u8]>(&r, 5)?, "payload digest")?,
-                    created_at: get(&r, 6)?,
-                })
-            })
+            .map(|r| stored_record(&r))
             .transpose()
+    }
+
+    async fn read_record(&self, record_id: &RecordId) -> Result<Option<RecordRead>> {
+        let client = self.client().await?;
+        // One statement: the record and its first chunk from one snapshot.
+        let stmt = client
+            .prepare_cached(
+                "SELECT r.record_id, r.header, r.blob_id, r.chunk_count, r.payload_size,
+                        r.payload_sha256, r.created_at, c.data
+                 FROM records r LEFT JOIN chunks c ON c.blob_id = r.blob_id AND c.seq = 0
+                 WHERE r.record_id = $1",
+            )
+            .await
+            .map_err(pg_err)?;
+        let Some(row) = client
+            .query_opt(&stmt, &[&record_id.as_slice()])
+            .await
+            .map_err(pg_err)?
+        else {
+            return Ok(None);
+        };
+        let record = stored_record(&row)?;
+        let first_chunk: Option<Vec<u8>> = get(&row, 7)?;
+        if record.chunks > 0 && first_chunk.is_none() {
+            return Err(ProxyError::Corrupt(format!(
+                "record {} has {} payload chunks but no chunk 0",
+                hex::encode(record.record_id),
+                record.chunks
+            )));
+        }
+        Ok(Some(RecordRead {
+            record,
+            first_chunk,
+        }))
     }
 
     async fn chunk(&self, blob_id: i64, seq: i64) -> Result<Option<Vec<u8>>> {
         let client = self.client().await?;
-        client
-            .query_opt(
+        let stmt = client
+            .prepare_cached(
                 "SELECT c.data FROM chunks c JOIN blobs b ON b.blob_id = c.blob_id
                  WHERE c.blob_id = $1 AND c.seq = $2 AND b.committed",
-                &[&blob_id, &seq],
             )
+            .await
+            .map_err(pg_err)?;
+        client
+            .query_opt(&stmt, &[&blob_id, &seq])
             .await
             .map_err(pg_err)?
             .map(|r| get(&r, 0))

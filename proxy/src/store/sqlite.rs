@@ -19,9 +19,9 @@ use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use super::{
-    C2Bytes, FreezeInfo, FreezeProgress, GroupOutcome, NewRecord, RecordId, RecordSummary, SnapRow,
-    Store, StoredRecord, TokenGroup, TrustedAuthority, UpdatePlan, fixed, non_negative,
-    plan_update, small, snapshot_root,
+    C2Bytes, FreezeInfo, FreezeProgress, GroupOutcome, NewRecord, RecordId, RecordRead,
+    RecordSummary, SnapRow, Store, StoredRecord, TokenGroup, TrustedAuthority, UpdatePlan, fixed,
+    non_negative, plan_update, small, snapshot_root,
 };
 use crate::error::{ProxyError, Result};
 
@@ -296,6 +296,61 @@ const PENDING_PAGE: &str = "SELECT s.record_id, s.row_index, s.c2 FROM snapshot_
      WHERE s.attribute = ?1 AND s.version = ?2 AND r.version = s.version
        AND (s.record_id > ?3 OR (s.record_id = ?3 AND s.row_index > ?4))
      ORDER BY s.record_id, s.row_index LIMIT ?5";
+
+/// A record's metadata, with its first payload chunk if `first_chunk`
+/// (one statement: a consistent view).
+fn load_record(conn: &Connection, id: &[u8], with_first_chunk: bool) -> Result<Option<RecordRead>> {
+    let sql = if with_first_chunk {
+        "SELECT r.record_id, r.header, r.blob_id, r.chunk_count, r.payload_size,
+                r.payload_sha256, r.created_at, c.data
+         FROM records r LEFT JOIN chunks c ON c.blob_id = r.blob_id AND c.seq = 0
+         WHERE r.record_id = ?1"
+    } else {
+        "SELECT record_id, header, blob_id, chunk_count, payload_size, payload_sha256,
+                created_at, NULL
+         FROM records WHERE record_id = ?1"
+    };
+    let row = conn
+        .prepare_cached(sql)
+        .map_err(db_err)?
+        .query_row(params![id], |r| {
+            Ok((
+                r.get::<_, Vec<u8>>(0)?,
+                r.get::<_, Vec<u8>>(1)?,
+                r.get::<_, i64>(2)?,
+                r.get::<_, i64>(3)?,
+                r.get::<_, i64>(4)?,
+                r.get::<_, Vec<u8>>(5)?,
+                r.get::<_, i64>(6)?,
+                r.get::<_, Option<Vec<u8>>>(7)?,
+            ))
+        })
+        .optional()
+        .map_err(db_err)?;
+    row.map(
+        |(rid, header, blob_id, chunks, size, sha, created_at, first_chunk)| {
+            if with_first_chunk && chunks > 0 && first_chunk.is_none() {
+                return Err(ProxyError::Corrupt(format!(
+                    "record {} has {chunks} payload chunks but no chunk 0",
+                    hex::encode(&rid)
+                )));
+            }
+            Ok(RecordRead {
+                record: StoredRecord {
+                    record_id: fixed(&rid, "record id")?,
+                    header,
+                    blob_id,
+                    chunks,
+                    payload_size: non_negative(size, "payload size")?,
+                    payload_sha256: fixed(&sha, "payload digest")?,
+                    created_at,
+                },
+                first_chunk,
+            })
+        },
+    )
+    .transpose()
+}
 
 /// One token group inside the open transaction (the caller wraps it in a savepoint).
 fn apply_group(conn: &Connection, g: &TokenGroup, now: i64) -> Result<GroupOutcome> {
@@ -631,51 +686,23 @@ impl Store for SqliteStore {
 
     async fn record(&self, record_id: &RecordId) -> Result<Option<StoredRecord>> {
         let id = record_id.to_vec();
-        self.call(move |conn| {
-            let row = conn
-                .query_row(
-                    "SELECT record_id, header, blob_id, chunk_count, payload_size, payload_sha256,
-                            created_at
-                     FROM records WHERE record_id = ?1",
-                    params![id],
-                    |r| {
-                        Ok((
-                            r.get::<_, Vec<u8>>(0)?,
-                            r.get::<_, Vec<u8>>(1)?,
-                            r.get::<_, i64>(2)?,
-                            r.get::<_, i64>(3)?,
-                            r.get::<_, i64>(4)?,
-                            r.get::<_, Vec<u8>>(5)?,
-                            r.get::<_, i64>(6)?,
-                        ))
-                    },
-                )
-                .optional()
-                .map_err(db_err)?;
-            row.map(|(rid, header, blob_id, chunks, size, sha, created_at)| {
-                Ok(StoredRecord {
-                    record_id: fixed(&rid, "record id")?,
-                    header,
-                    blob_id,
-                    chunks,
-                    payload_size: non_negative(size, "payload size")?,
-                    payload_sha256: fixed(&sha, "payload digest")?,
-                    created_at,
-                })
-            })
-            .transpose()
-        })
-        .await
+        self.call(move |conn| Ok(load_record(conn, &id, false)?.map(|r| r.record)))
+            .await
+    }
+
+    async fn read_record(&self, record_id: &RecordId) -> Result<Option<RecordRead>> {
+        let id = record_id.to_vec();
+        self.call(move |conn| load_record(conn, &id, true)).await
     }
 
     async fn chunk(&self, blob_id: i64, seq: i64) -> Result<Option<Vec<u8>>> {
         self.call(move |conn| {
-            conn.query_row(
+            conn.prepare_cached(
                 "SELECT c.data FROM chunks c JOIN blobs b ON b.blob_id = c.blob_id
                  WHERE c.blob_id = ?1 AND c.seq = ?2 AND b.committed = 1",
-                params![blob_id, seq],
-                |r| r.get(0),
             )
+            .map_err(db_err)?
+            .query_row(params![blob_id, seq], |r| r.get(0))
             .optional()
             .map_err(db_err)
         })
