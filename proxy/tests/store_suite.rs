@@ -154,6 +154,27 @@ impl Harness {
         }
     }
 
+    /// Take, behind the store's back, a lock that makes the store's next
+    /// write wait: SQLite's write lock (`BEGIN IMMEDIATE` on another
+    /// connection), or an exclusive lock on PostgreSQL's `blobs` table.
+    async fn hold_write_lock(&self) -> Held {
+        match &self.kind {
+            Kind::Sqlite { path, .. } => {
+                let conn = rusqlite::Connection::open(path).unwrap();
+                conn.execute_batch("BEGIN IMMEDIATE").unwrap();
+                Held::Sqlite(conn)
+            }
+            Kind::Postgres { url, .. } => {
+                let client = pg_client(url).await;
+                client
+                    .batch_execute("BEGIN; LOCK TABLE blobs IN EXCLUSIVE MODE")
+                    .await
+                    .unwrap();
+                Held::Postgres(client)
+            }
+        }
+    }
+
     /// PostgreSQL: hold an exclusive lock on `snapshot_rows`, so that a
     /// freeze stops just before it copies its snapshot rows (after every
     /// earlier statement of its transaction). `None` on SQLite, whose freeze
@@ -212,14 +233,17 @@ impl Harness {
     }
 }
 
-/// A lock held by [`Harness::pause_snapshot_copies`] until [`Held::release`].
+/// A lock held by [`Harness::hold_write_lock`] or
+/// [`Harness::pause_snapshot_copies`] until [`Held::release`].
 enum Held {
+    Sqlite(rusqlite::Connection),
     Postgres(tokio_postgres::Client),
 }
 
 impl Held {
     async fn release(self) {
         match self {
+            Held::Sqlite(conn) => conn.execute_batch("ROLLBACK").unwrap(),
             Held::Postgres(client) => client.batch_execute("ROLLBACK").await.unwrap(),
         }
     }
@@ -278,8 +302,10 @@ suite!(
     concurrent_uploads_and_freeze_agree,
     reopen_keeps_everything,
     newer_schema_is_refused,
-    freeze_root_matches_its_rows_when_a_delete_races,
     read_record_returns_the_first_chunk_with_the_record,
+    reads_proceed_while_a_write_waits,
+    many_concurrent_reads,
+    freeze_root_matches_its_rows_when_a_delete_races,
 );
 
 // ---------------------------------------------------------------------------
@@ -999,6 +1025,80 @@ async fn newer_schema_is_refused(h: Arc<Harness>) {
     }
 }
 
+async fn read_record_returns_the_first_chunk_with_the_record(h: Arc<Harness>) {
+    let s = h.store();
+    let mut w = World::new(&["doctor@hospital-a"], 12);
+    // Three chunks, one chunk, and an empty payload.
+    for (size, chunk) in [(3000usize, 1000usize), (700, 1000), (0, 1000)] {
+        let (header, _) = w.encrypt("doctor@hospital-a", b"x");
+        let payload: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+        let rid = put(&*s, &header, &payload, chunk).await;
+        let read = s.read_record(&rid).await.unwrap().unwrap();
+        assert_eq!(read.record, s.record(&rid).await.unwrap().unwrap());
+        assert_eq!(read.record.header, header.to_bytes());
+        assert_eq!(read.record.payload_size, size as u64);
+        assert_eq!(read.record.chunks, size.div_ceil(chunk) as i64);
+        assert_eq!(
+            read.first_chunk,
+            payload.chunks(chunk).next().map(<[u8]>::to_vec)
+        );
+        assert_eq!(read_payload(&*s, &rid).await, payload);
+    }
+    assert!(s.read_record(&[9; 16]).await.unwrap().is_none());
+}
+
+async fn reads_proceed_while_a_write_waits(h: Arc<Harness>) {
+    let s = h.store();
+    let mut w = World::new(&["doctor@hospital-a"], 13);
+    let (header, ct) = w.encrypt("doctor@hospital-a", &[7u8; 2500]);
+    let rid = put(&*s, &header, &ct, 1000).await;
+    let held = h.hold_write_lock().await;
+    // A write of the store that must wait for the lock (a token batch, an
+    // upload's commit or a chunk would wait the same way).
+    let writer = {
+        let s = s.clone();
+        tokio::spawn(async move { s.begin_upload(NOW).await })
+    };
+    h.wait_for_lock_waiter("blobs").await;
+    // Reads are answered while that write waits.
+    let reads = async {
+        let read = s.read_record(&rid).await.unwrap().unwrap();
+        assert_eq!(read.record.header, header.to_bytes());
+        assert_eq!(read_payload(&*s, &rid).await, ct);
+        assert_eq!(s.list_records(None, 10).await.unwrap().len(), 1);
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(2), reads)
+        .await
+        .expect("reads waited for a pending write");
+    assert!(!writer.is_finished(), "the write did not wait for the lock");
+    held.release().await;
+    let blob = writer.await.unwrap().unwrap();
+    s.abort_upload(blob).await.unwrap();
+}
+
+async fn many_concurrent_reads(h: Arc<Harness>) {
+    let s = h.store();
+    let mut w = World::new(&["doctor@hospital-a"], 14);
+    let mut stored = Vec::new();
+    for i in 0..8u8 {
+        let (header, ct) = w.encrypt("doctor@hospital-a", &[i; 300]);
+        stored.push((put(&*s, &header, &ct, 1 << 20).await, ct));
+    }
+    let stored = Arc::new(stored);
+    let mut tasks = Vec::new();
+    for i in 0..400usize {
+        let (s, stored) = (s.clone(), stored.clone());
+        tasks.push(tokio::spawn(async move {
+            let (rid, ct) = &stored[i % stored.len()];
+            let read = s.read_record(rid).await.unwrap().unwrap();
+            assert_eq!(read.first_chunk.as_ref(), Some(ct));
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
 /// A record deleted while a freeze runs is either in both the freeze's root
 /// and its stored rows, or in neither (on PostgreSQL the delete is placed
 /// between the freeze's statements: the root used to come from a SELECT
@@ -1046,26 +1146,4 @@ async fn freeze_root_matches_its_rows_when_a_delete_races(h: Arc<Harness>) {
     }
     // A repeated freeze returns the same snapshot.
     assert_eq!(s.freeze(a, 1, "hospital-a", NOW).await.unwrap(), f);
-}
-
-async fn read_record_returns_the_first_chunk_with_the_record(h: Arc<Harness>) {
-    let s = h.store();
-    let mut w = World::new(&["doctor@hospital-a"], 12);
-    // Three chunks, one chunk, and an empty payload.
-    for (size, chunk) in [(3000usize, 1000usize), (700, 1000), (0, 1000)] {
-        let (header, _) = w.encrypt("doctor@hospital-a", b"x");
-        let payload: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
-        let rid = put(&*s, &header, &payload, chunk).await;
-        let read = s.read_record(&rid).await.unwrap().unwrap();
-        assert_eq!(read.record, s.record(&rid).await.unwrap().unwrap());
-        assert_eq!(read.record.header, header.to_bytes());
-        assert_eq!(read.record.payload_size, size as u64);
-        assert_eq!(read.record.chunks, size.div_ceil(chunk) as i64);
-        assert_eq!(
-            read.first_chunk,
-            payload.chunks(chunk).next().map(<[u8]>::to_vec)
-        );
-        assert_eq!(read_payload(&*s, &rid).await, payload);
-    }
-    assert!(s.read_record(&[9; 16]).await.unwrap().is_none());
 }

@@ -29,6 +29,9 @@
 //! CPU-heavy work (decoding and re-encoding headers, hashing a large
 //! snapshot) runs in a bounded blocking section ([`crate::cpu`]), never on
 //! the async runtime's worker threads.
+//!
+//! Reads never wait for writes: SQLite reads use read-only connections (WAL)
+//! on threads of their own, PostgreSQL reads use the connection pool.
 
 use std::collections::BTreeMap;
 use std::fmt;
