@@ -1,6 +1,10 @@
 //! Shared fixtures for mabe's benchmarks, and the `bench-report` command that
 //! turns criterion's results into the table and plots in `benches/README.md`.
+//! [`load`] holds what the load generators (`mabe-loadgen`,
+//! `mabe-proxy-load`) share.
 #![warn(missing_docs)]
+
+pub mod load;
 
 use ark_std::rand::{SeedableRng, rngs::StdRng};
 use mabe_abe::{Attribute, AttributeSecretKey, Gid, Policy, PublicKeyRing, UserKeyRing, Version};

@@ -4,8 +4,8 @@
 /// storage failures, serving failures.
 ///
 /// The gRPC adapters map these to statuses in one place
-/// ([`crate::grpc::status`]); `Corrupt`, `Backend` and the serving variants
-/// are logged and reported as `internal` without detail.
+/// ([`crate::grpc::status`]); `Corrupt`, `Backend`, `Internal` and the
+/// serving variants are logged and reported as `internal` without detail.
 #[non_exhaustive]
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
@@ -60,6 +60,9 @@ pub enum ProxyError {
     /// TLS material or configuration was refused, or a listener failed.
     #[error("serving: {0}")]
     Serve(String),
+    /// A task of the proxy failed (a panic in a blocking section): a bug.
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 /// Result type of the library.

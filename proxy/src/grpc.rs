@@ -27,7 +27,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::error::{ProxyError, Result};
 use crate::metrics::{GroupKind, Method, Metrics};
 use crate::node::{CallAuth, Node};
-use crate::store::{FreezeInfo, GroupOutcome, RecordId, SnapRow};
+use crate::store::{FreezeInfo, GroupOutcome, RecordId, RecordRead, SnapRow};
 use crate::{MAX_LIST_PAGE, SNAPSHOT_PAGE_ROWS};
 
 /// The one mapping from library errors to gRPC statuses. Storage and
@@ -228,15 +228,40 @@ impl v1::record_store_server::RecordStore for RecordService {
         &self,
         req: Request<GetRecordRequest>,
     ) -> Result<Response<Self::GetRecordStream>, Status> {
+        // The record and its first chunk in one read: a payload of one chunk
+        // (up to STORE_CHUNK_BYTES) is answered from it, with no task.
         let r = async {
             let rid = record_id(&req.get_ref().record_id).map_err(status)?;
-            let rec = within(self.deadlines.request, self.node.store().record(&rid))
+            let read = within(self.deadlines.request, self.node.store().read_record(&rid))
                 .await?
                 .ok_or_else(|| Status::not_found("no such record"))?;
-            Ok::<_, Status>(rec)
+            Ok::<_, Status>(read)
         }
         .await;
-        let rec = self.count(Method::GetRecord, r)?;
+        let RecordRead {
+            record: rec,
+            first_chunk,
+        } = self.count(Method::GetRecord, r)?;
+        let head = GetRecordResponse {
+            part: Some(get_record_response::Part::Head(RecordHead {
+                header: rec.header,
+                payload_size: rec.payload_size,
+                payload_sha256: rec.payload_sha256.to_vec(),
+            })),
+        };
+        let first = first_chunk.map(|data| {
+            self.metrics.bytes_out(data.len() as u64);
+            GetRecordResponse {
+                part: Some(get_record_response::Part::Chunk(data)),
+            }
+        });
+        if rec.chunks <= 1 {
+            let msgs: Vec<Result<GetRecordResponse, Status>> =
+                std::iter::once(head).chain(first).map(Ok).collect();
+            return Ok(Response::new(Box::pin(tokio_stream::iter(msgs))));
+        }
+        // Larger payloads stream chunk by chunk (at most two messages
+        // buffered), each chunk read when the reader has taken the previous.
         let (tx, rx) = mpsc::channel(2);
         let store = Arc::clone(self.node.store());
         let metrics = Arc::clone(&self.metrics);
@@ -246,17 +271,12 @@ impl v1::record_store_server::RecordStore for RecordService {
                 let tx = tx.clone();
                 async move { matches!(tokio::time::timeout(idle, tx.send(m)).await, Ok(Ok(()))) }
             };
-            let head = GetRecordResponse {
-                part: Some(get_record_response::Part::Head(RecordHead {
-                    header: rec.header,
-                    payload_size: rec.payload_size,
-                    payload_sha256: rec.payload_sha256.to_vec(),
-                })),
-            };
-            if !send(Ok(head)).await {
-                return;
+            for m in std::iter::once(head).chain(first) {
+                if !send(Ok(m)).await {
+                    return;
+                }
             }
-            for seq in 0..rec.chunks {
+            for seq in 1..rec.chunks {
                 let msg = match store.chunk(rec.blob_id, seq).await {
                     Ok(Some(data)) => {
                         metrics.bytes_out(data.len() as u64);

@@ -9,6 +9,8 @@
 //!
 //! - [`node`]: the domain core (upload validation, authority authentication,
 //!   freezes, token batches), independent of transport;
+//! - [`cpu`]: the bounded blocking section where CPU-heavy work runs (token
+//!   and header validation), off the async workers;
 //! - [`store`]: storage behind one trait, SQLite (embedded default) and
 //!   PostgreSQL;
 //! - [`grpc`] and [`server`]: the `RecordStore` and `ProxyAuthority`
@@ -33,6 +35,7 @@
 #![warn(missing_docs)]
 
 pub mod client;
+pub mod cpu;
 pub mod datadir;
 pub mod error;
 pub mod grpc;

@@ -24,6 +24,7 @@ use tokio_rustls::{
     server::TlsStream,
 };
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::{Stream, StreamExt};
 use tonic::{
     service::Routes,
     transport::{Identity, Server, ServerTlsConfig},
@@ -105,6 +106,22 @@ impl Listeners {
 }
 
 const ADMIN_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The listener's connections with `TCP_NODELAY` set. tonic ignores its own
+/// `tcp_nodelay` setting for a caller-supplied listener, and with Nagle's
+/// algorithm the last small frames of an answer (a 4 KiB record's chunk,
+/// the trailers) can wait for the client's delayed ACK, tens of
+/// milliseconds on Linux.
+fn nodelay_incoming(listener: TcpListener) -> impl Stream<Item = std::io::Result<TcpStream>> {
+    TcpListenerStream::new(listener).map(|accepted| {
+        if let Ok(tcp) = &accepted {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %e, "cannot set TCP_NODELAY on a connection");
+            }
+        }
+        accepted
+    })
+}
 
 fn builder(tls: Option<&TlsPem>) -> Result<Server> {
     let mut b = Server::builder()
@@ -267,7 +284,7 @@ pub async fn serve(
         .add_service(health)
         .add_service(records)
         .add_service(authority)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listeners.public), stop(rx.clone()));
+        .serve_with_incoming_shutdown(nodelay_incoming(listeners.public), stop(rx.clone()));
     let admin_tls = opts.tls.as_ref().map(admin_tls).transpose()?;
     let mut admin_builder = builder(None)?.accept_http1(true);
     let admin_router = admin_builder.add_routes(admin_routes(Arc::clone(&metrics)));
@@ -280,7 +297,7 @@ pub async fn serve(
             }
             None => {
                 admin_router
-                    .serve_with_incoming_shutdown(TcpListenerStream::new(listeners.admin), stop(rx))
+                    .serve_with_incoming_shutdown(nodelay_incoming(listeners.admin), stop(rx))
                     .await
             }
         }
@@ -294,4 +311,21 @@ pub async fn serve(
     a?;
     b?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    #[tokio::test]
+    async fn accepted_connections_have_nodelay() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut incoming = Box::pin(nodelay_incoming(listener));
+        let _client = TcpStream::connect(addr).await.unwrap();
+        let server_side = incoming.next().await.expect("a connection").unwrap();
+        assert!(server_side.nodelay().unwrap());
+    }
 }

@@ -86,6 +86,60 @@ async fn put_get_round_trip_is_byte_identical() {
     served.stop().await;
 }
 
+/// GetRecord answers a payload of any size: empty, within one stored chunk
+/// (answered from the record's own read), exactly one chunk, and several.
+async fn get_answers_every_payload_size(store: Arc<dyn Store>) {
+    let served = Served::start(store).await;
+    let mut c = served.records().await;
+    let mut w = World::new(&["doctor@hospital-a"], 21);
+    let one = mabe_proxy::STORE_CHUNK_BYTES;
+    for size in [0usize, 1, 4096, one - 1, one, one + 1, 2 * one + 5] {
+        let (header, _) = w.encrypt("doctor@hospital-a", b"x");
+        // The proxy never parses payloads: any bytes will do.
+        let payload: Vec<u8> = (0..size).map(|i| (i % 253) as u8).collect();
+        let rid = c
+            .put(&header.to_bytes(), std::io::Cursor::new(payload.clone()))
+            .await
+            .unwrap();
+        let (h, got) = c.get(&rid, Vec::new()).await.unwrap();
+        assert_eq!(h, header.to_bytes(), "{size} bytes");
+        assert_eq!(got, payload, "{size} bytes");
+    }
+    // Concurrent reads of the same records over one connection.
+    let (header, _) = w.encrypt("doctor@hospital-a", b"x");
+    let payload = vec![3u8; 4096];
+    let rid = c
+        .put(&header.to_bytes(), std::io::Cursor::new(payload.clone()))
+        .await
+        .unwrap();
+    let mut tasks = Vec::new();
+    for _ in 0..200 {
+        let mut c = c.clone();
+        let payload = payload.clone();
+        tasks.push(tokio::spawn(async move {
+            let (_, got) = c.get(&rid, Vec::new()).await.unwrap();
+            assert_eq!(got, payload);
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    served.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_answers_every_payload_size_sqlite() {
+    let (_d, store) = sqlite();
+    get_answers_every_payload_size(store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_answers_every_payload_size_postgres() {
+    let (store, drop_db) = postgres("mabe_proxy_sizes").await;
+    get_answers_every_payload_size(store).await;
+    drop_db.await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn list_pages_and_delete() {
     let (_d, store) = sqlite();
@@ -408,12 +462,25 @@ async fn revocation_end_to_end_sqlite() {
 /// The same flow on PostgreSQL (a fresh database on the test server).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revocation_end_to_end_postgres() {
+    let (store, drop_db) = postgres("mabe_proxy_e2e").await;
+    revocation_end_to_end(store).await;
+    drop_db.await;
+}
+
+/// A store in a fresh database `{prefix}_{pid}` on the test server, and a
+/// future that drops the database.
+async fn postgres(
+    prefix: &str,
+) -> (
+    Arc<dyn Store>,
+    impl std::future::Future<Output = ()> + use<>,
+) {
     let url = common::test_database_url();
     let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
         .await
         .unwrap();
     tokio::spawn(conn);
-    let name = format!("mabe_proxy_e2e_{}", std::process::id());
+    let name = format!("{prefix}_{}", std::process::id());
     for sql in [
         format!("DROP DATABASE IF EXISTS {name}"),
         format!("CREATE DATABASE {name}"),
@@ -427,11 +494,13 @@ async fn revocation_end_to_end_postgres() {
     let store = mabe_proxy::store::postgres::PgStore::connect(&db_url)
         .await
         .unwrap();
-    revocation_end_to_end(Arc::new(store)).await;
-    client
-        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-        .await
-        .unwrap();
+    let drop_db = async move {
+        client
+            .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .await
+            .unwrap();
+    };
+    (Arc::new(store), drop_db)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

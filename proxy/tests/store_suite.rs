@@ -154,6 +154,70 @@ impl Harness {
         }
     }
 
+    /// Take, behind the store's back, a lock that makes the store's next
+    /// write wait: SQLite's write lock (`BEGIN IMMEDIATE` on another
+    /// connection), or an exclusive lock on PostgreSQL's `blobs` table.
+    async fn hold_write_lock(&self) -> Held {
+        match &self.kind {
+            Kind::Sqlite { path, .. } => {
+                let conn = rusqlite::Connection::open(path).unwrap();
+                conn.execute_batch("BEGIN IMMEDIATE").unwrap();
+                Held::Sqlite(conn)
+            }
+            Kind::Postgres { url, .. } => {
+                let client = pg_client(url).await;
+                client
+                    .batch_execute("BEGIN; LOCK TABLE blobs IN EXCLUSIVE MODE")
+                    .await
+                    .unwrap();
+                Held::Postgres(client)
+            }
+        }
+    }
+
+    /// PostgreSQL: hold an exclusive lock on `snapshot_rows`, so that a
+    /// freeze stops just before it copies its snapshot rows (after every
+    /// earlier statement of its transaction). `None` on SQLite, whose freeze
+    /// is one write transaction nothing else can enter.
+    async fn pause_snapshot_copies(&self) -> Option<Held> {
+        match &self.kind {
+            Kind::Sqlite { .. } => None,
+            Kind::Postgres { url, .. } => {
+                let client = pg_client(url).await;
+                client
+                    .batch_execute("BEGIN; LOCK TABLE snapshot_rows IN EXCLUSIVE MODE")
+                    .await
+                    .unwrap();
+                Some(Held::Postgres(client))
+            }
+        }
+    }
+
+    /// PostgreSQL: wait until a session waits for a lock on `table`.
+    /// SQLite: wait 200 ms (its lock waits are not observable).
+    async fn wait_for_lock_waiter(&self, table: &str) {
+        let Kind::Postgres { url, .. } = &self.kind else {
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            return;
+        };
+        let client = pg_client(url).await;
+        for _ in 0..500 {
+            let row = client
+                .query_one(
+                    "SELECT COUNT(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation
+                     WHERE c.relname = $1 AND NOT l.granted",
+                    &[&table],
+                )
+                .await
+                .unwrap();
+            if row.get::<_, i64>(0) > 0 {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        panic!("nobody waited for a lock on {table} within 10 s");
+    }
+
     async fn cleanup(&self) {
         self.store.lock().unwrap().take();
         if let Kind::Postgres {
@@ -165,6 +229,22 @@ impl Harness {
                 .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
                 .await
                 .unwrap_or_else(|e| panic!("cannot drop test database {name}: {e:?}"));
+        }
+    }
+}
+
+/// A lock held by [`Harness::hold_write_lock`] or
+/// [`Harness::pause_snapshot_copies`] until [`Held::release`].
+enum Held {
+    Sqlite(rusqlite::Connection),
+    Postgres(tokio_postgres::Client),
+}
+
+impl Held {
+    async fn release(self) {
+        match self {
+            Held::Sqlite(conn) => conn.execute_batch("ROLLBACK").unwrap(),
+            Held::Postgres(client) => client.batch_execute("ROLLBACK").await.unwrap(),
         }
     }
 }
@@ -222,6 +302,10 @@ suite!(
     concurrent_uploads_and_freeze_agree,
     reopen_keeps_everything,
     newer_schema_is_refused,
+    read_record_returns_the_first_chunk_with_the_record,
+    reads_proceed_while_a_write_waits,
+    many_concurrent_reads,
+    freeze_root_matches_its_rows_when_a_delete_races,
 );
 
 // ---------------------------------------------------------------------------
@@ -939,4 +1023,127 @@ async fn newer_schema_is_refused(h: Arc<Harness>) {
         Err(ProxyError::Corrupt(m)) => assert!(m.contains("newer"), "{m}"),
         other => panic!("expected a refusal, got {other:?}"),
     }
+}
+
+async fn read_record_returns_the_first_chunk_with_the_record(h: Arc<Harness>) {
+    let s = h.store();
+    let mut w = World::new(&["doctor@hospital-a"], 12);
+    // Three chunks, one chunk, and an empty payload.
+    for (size, chunk) in [(3000usize, 1000usize), (700, 1000), (0, 1000)] {
+        let (header, _) = w.encrypt("doctor@hospital-a", b"x");
+        let payload: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+        let rid = put(&*s, &header, &payload, chunk).await;
+        let read = s.read_record(&rid).await.unwrap().unwrap();
+        assert_eq!(read.record, s.record(&rid).await.unwrap().unwrap());
+        assert_eq!(read.record.header, header.to_bytes());
+        assert_eq!(read.record.payload_size, size as u64);
+        assert_eq!(read.record.chunks, size.div_ceil(chunk) as i64);
+        assert_eq!(
+            read.first_chunk,
+            payload.chunks(chunk).next().map(<[u8]>::to_vec)
+        );
+        assert_eq!(read_payload(&*s, &rid).await, payload);
+    }
+    assert!(s.read_record(&[9; 16]).await.unwrap().is_none());
+}
+
+async fn reads_proceed_while_a_write_waits(h: Arc<Harness>) {
+    let s = h.store();
+    let mut w = World::new(&["doctor@hospital-a"], 13);
+    let (header, ct) = w.encrypt("doctor@hospital-a", &[7u8; 2500]);
+    let rid = put(&*s, &header, &ct, 1000).await;
+    let held = h.hold_write_lock().await;
+    // A write of the store that must wait for the lock (a token batch, an
+    // upload's commit or a chunk would wait the same way).
+    let writer = {
+        let s = s.clone();
+        tokio::spawn(async move { s.begin_upload(NOW).await })
+    };
+    h.wait_for_lock_waiter("blobs").await;
+    // Reads are answered while that write waits.
+    let reads = async {
+        let read = s.read_record(&rid).await.unwrap().unwrap();
+        assert_eq!(read.record.header, header.to_bytes());
+        assert_eq!(read_payload(&*s, &rid).await, ct);
+        assert_eq!(s.list_records(None, 10).await.unwrap().len(), 1);
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(2), reads)
+        .await
+        .expect("reads waited for a pending write");
+    assert!(!writer.is_finished(), "the write did not wait for the lock");
+    held.release().await;
+    let blob = writer.await.unwrap().unwrap();
+    s.abort_upload(blob).await.unwrap();
+}
+
+async fn many_concurrent_reads(h: Arc<Harness>) {
+    let s = h.store();
+    let mut w = World::new(&["doctor@hospital-a"], 14);
+    let mut stored = Vec::new();
+    for i in 0..8u8 {
+        let (header, ct) = w.encrypt("doctor@hospital-a", &[i; 300]);
+        stored.push((put(&*s, &header, &ct, 1 << 20).await, ct));
+    }
+    let stored = Arc::new(stored);
+    let mut tasks = Vec::new();
+    for i in 0..400usize {
+        let (s, stored) = (s.clone(), stored.clone());
+        tasks.push(tokio::spawn(async move {
+            let (rid, ct) = &stored[i % stored.len()];
+            let read = s.read_record(rid).await.unwrap().unwrap();
+            assert_eq!(read.first_chunk.as_ref(), Some(ct));
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
+/// A record deleted while a freeze runs is either in both the freeze's root
+/// and its stored rows, or in neither (on PostgreSQL the delete is placed
+/// between the freeze's statements: the root used to come from a SELECT
+/// made before it, the rows from an INSERT made after it).
+async fn freeze_root_matches_its_rows_when_a_delete_races(h: Arc<Harness>) {
+    let s = h.store();
+    let a = "cardiology@hospital-a";
+    let mut w = World::new(&[a], 15);
+    let mut ids = Vec::new();
+    for i in 0..3u8 {
+        let (header, ct) = w.encrypt(a, &[i; 50]);
+        ids.push(put(&*s, &header, &ct, 1000).await);
+    }
+    let paused = h.pause_snapshot_copies().await;
+    let freeze = {
+        let s = s.clone();
+        tokio::spawn(async move { s.freeze(a, 1, "hospital-a", NOW).await })
+    };
+    if paused.is_some() {
+        h.wait_for_lock_waiter("snapshot_rows").await;
+    }
+    assert!(s.delete_record(&ids[0]).await.unwrap());
+    if let Some(p) = paused {
+        p.release().await;
+    }
+    let f = freeze.await.unwrap().unwrap();
+    let rows = s.snapshot_page(a, 1, None, 100).await.unwrap();
+    assert_eq!(f.rows, rows.len() as u64);
+    assert_eq!(
+        f.merkle_root,
+        snapshot_root(a, 1, &rows),
+        "root of the stored rows"
+    );
+    assert_eq!(s.freeze_info(a, 1).await.unwrap(), Some(f.clone()));
+    // The authority's own computation over the streamed rows agrees.
+    let mut snap = Snapshot::new(attr(a), Version::FIRST);
+    for r in rows_of(&rows) {
+        snap.insert(r).unwrap();
+    }
+    assert_eq!(snap.merkle_root(), f.merkle_root);
+    if let Kind::Postgres { .. } = h.kind {
+        // The delete committed before the copy: the snapshot lacks it.
+        assert_eq!(f.rows, 2);
+        assert!(rows.iter().all(|r| r.record_id != ids[0]));
+    }
+    // A repeated freeze returns the same snapshot.
+    assert_eq!(s.freeze(a, 1, "hospital-a", NOW).await.unwrap(), f);
 }

@@ -27,23 +27,23 @@
 //! ```
 
 use std::{
-    collections::BTreeMap,
-    fmt::Write as _,
-    future::Future,
-    net::SocketAddr,
     path::{Path, PathBuf},
     process::{ExitCode, Stdio},
     sync::Arc,
     time::Duration,
 };
 
-use anyhow::{Context, Result, anyhow, bail, ensure};
+use anyhow::{Context, Result, anyhow, ensure};
 use ark_std::rand::{RngCore, rngs::OsRng};
 use clap::{Parser, ValueEnum};
 use ed25519_dalek::{Signer, SigningKey};
-use hdrhistogram::Histogram;
 use mabe_abe::{AttributePublicKey, Gid, UserKey, UserKeyRing};
 use mabe_authority::{admin_client::signed, datadir::DataDir, node::now};
+use mabe_benches::load::{
+    Backend, Outcome, PgDb, Server, connect, cpu_table, ensure_nofile_for, measure, print_log,
+    run_cli, setup_calls, sibling_bin, table_header, why,
+};
+use mabe_benches::note;
 use mabe_proto::{
     signing::{Directory, attribute_request_message, key_request_message},
     v1::{
@@ -53,13 +53,10 @@ use mabe_proto::{
     },
 };
 use tokio::{
-    io::{AsyncBufReadExt, BufReader},
-    process::{Child, ChildStdout, Command},
-    sync::Semaphore,
-    task::JoinSet,
+    process::Command,
     time::{Instant, timeout_at},
 };
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use tonic::transport::Channel;
 
 const AUTHORITY: &str = "hospital-a";
 const REGISTRY: &str = "big-register";
@@ -68,23 +65,6 @@ const FETCHED: &str = "cardiology";
 /// Requested by every person and decided in the `decide` scenario.
 const REQUESTED: &str = "research";
 const ADMIN: &str = "/mabe.v1.AuthorityAdmin/";
-/// Failed calls whose message is printed (the rest are only counted).
-const SHOWN_ERRORS: usize = 5;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-enum Backend {
-    Sqlite,
-    Postgres,
-}
-
-impl Backend {
-    fn name(self) -> &'static str {
-        match self {
-            Backend::Sqlite => "SQLite",
-            Backend::Postgres => "PostgreSQL",
-        }
-    }
-}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Scenario {
@@ -159,34 +139,6 @@ async fn main() -> ExitCode {
     }
 }
 
-/// Progress and setup timings go to stderr; the table goes to stdout.
-macro_rules! note {
-    ($($t:tt)*) => { eprintln!("mabe-loadgen: {}", format!($($t)*)) };
-}
-
-/// Raise the soft open-file limit to the hard limit; (soft, hard) after.
-fn raise_nofile_limit() -> Result<(u64, u64)> {
-    rlimit::increase_nofile_limit(u64::MAX).context("raising RLIMIT_NOFILE")?;
-    rlimit::getrlimit(rlimit::Resource::NOFILE).context("reading RLIMIT_NOFILE")
-}
-
-fn authority_bin(args: &Args) -> Result<PathBuf> {
-    let bin = match &args.authority_bin {
-        Some(b) => b.clone(),
-        None => std::env::current_exe()
-            .context("locating this executable")?
-            .parent()
-            .ok_or_else(|| anyhow!("this executable has no parent directory"))?
-            .join(format!("mabe-authority{}", std::env::consts::EXE_SUFFIX)),
-    };
-    ensure!(
-        bin.is_file(),
-        "{} does not exist: build it with `cargo build --release -p mabe-authority` or pass --authority-bin",
-        bin.display()
-    );
-    Ok(bin)
-}
-
 /// Whether the run passed; the table is printed either way.
 async fn run(args: &Args) -> Result<bool> {
     ensure!(args.requests > 0, "--requests must be at least 1");
@@ -198,17 +150,14 @@ async fn run(args: &Args) -> Result<bool> {
     );
     let people = args.people.unwrap_or(args.requests).clamp(1, args.requests);
     let deadline = Instant::now() + Duration::from_secs(args.max_seconds);
-    let (soft, hard) = raise_nofile_limit()?;
-    note!("open-file limit {soft} (hard {hard})");
     // Each connection is one socket here and one in the server (which
-    // inherits this limit); keep a margin for the database and the runtime.
-    let needed = 2 * (2 * args.connections as u64 + 2) + 64;
-    ensure!(
-        soft >= needed,
-        "the open-file limit ({soft}) is too low for {} connections: lower --connections",
-        args.connections
-    );
-    let bin = authority_bin(args)?;
+    // inherits this limit); public and admin connections.
+    ensure_nofile_for(2 * args.connections)?;
+    let bin = sibling_bin(
+        "mabe-authority",
+        args.authority_bin.as_deref(),
+        "mabe-authority",
+    )?;
     let tmp = tempfile::tempdir().context("creating a temporary directory")?;
     let db = match args.backend {
         Backend::Sqlite => {
@@ -219,11 +168,8 @@ async fn run(args: &Args) -> Result<bool> {
             None
         }
         Backend::Postgres => Some(match &args.database_url {
-            Some(url) => PgDb {
-                url: url.clone(),
-                drop_from: None,
-            },
-            None => fresh_database(deadline).await?,
+            Some(url) => PgDb::existing(url.clone()),
+            None => PgDb::fresh("mabe_load", deadline).await?,
         }),
     };
     let node = Authority {
@@ -240,23 +186,10 @@ async fn run(args: &Args) -> Result<bool> {
     for r in &rows {
         println!("{}", r.markdown(args.backend));
     }
-    if rows.iter().any(|r| r.cpu.is_some()) {
+    let cpu = cpu_table(args.backend, &rows, false);
+    if !cpu.is_empty() {
         println!();
-        println!(
-            "| backend | scenario | machine CPU busy | server CPU (s) | load generator CPU (s) |\n|---|---|---:|---:|---:|"
-        );
-        for r in &rows {
-            if let Some(c) = r.cpu {
-                println!(
-                    "| {} | {} | {:.0}% | {:.2} | {:.2} |",
-                    args.backend.name(),
-                    r.scenario,
-                    c.machine_busy * 100.0,
-                    c.server,
-                    c.client
-                );
-            }
-        }
+        print!("{cpu}");
     }
     Ok(ok)
 }
@@ -354,82 +287,7 @@ async fn drive(
     Ok((rows, ok))
 }
 
-fn print_log(log: &Path) {
-    let text = std::fs::read_to_string(log).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    let tail = &lines[lines.len().saturating_sub(40)..];
-    if !tail.is_empty() {
-        note!("last lines of the server's log:\n{}", tail.join("\n"));
-    }
-}
-
 // ------------------------------------------------------------------ the node
-
-/// A PostgreSQL database for the node; `drop_from`: the URL to drop it from
-/// afterwards (only for databases this tool created).
-struct PgDb {
-    url: String,
-    drop_from: Option<(String, String)>,
-}
-
-impl PgDb {
-    async fn drop_database(&self) {
-        let Some((admin_url, name)) = &self.drop_from else {
-            return;
-        };
-        let dropped = async {
-            let (client, conn) = tokio_postgres::connect(admin_url, tokio_postgres::NoTls).await?;
-            let conn = tokio::spawn(conn);
-            client
-                .batch_execute(&format!("DROP DATABASE IF EXISTS {name}"))
-                .await?;
-            drop(client);
-            let _ = conn.await;
-            Ok::<(), tokio_postgres::Error>(())
-        };
-        match tokio::time::timeout(Duration::from_secs(30), dropped).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => note!("could not drop database {name}: {e}"),
-            Err(_) => note!("could not drop database {name}: timed out"),
-        }
-    }
-}
-
-/// Create an empty database next to the one MABE_TEST_DATABASE_URL names.
-async fn fresh_database(deadline: Instant) -> Result<PgDb> {
-    let url = match std::env::var("MABE_TEST_DATABASE_URL") {
-        Ok(url) if !url.trim().is_empty() => url,
-        _ => bail!(
-            "--backend postgres needs --database-url or MABE_TEST_DATABASE_URL \
-             (run it as `scripts/with-postgres target/release/mabe-loadgen --backend postgres`)"
-        ),
-    };
-    let name = format!("mabe_load_{:016x}", OsRng.next_u64());
-    let created = async {
-        let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-            .await
-            .with_context(|| format!("connecting to MABE_TEST_DATABASE_URL {url}"))?;
-        let conn = tokio::spawn(conn);
-        client
-            .batch_execute(&format!("CREATE DATABASE {name}"))
-            .await
-            .with_context(|| format!("creating database {name}"))?;
-        drop(client);
-        let _ = conn.await;
-        anyhow::Ok(())
-    };
-    timeout_at(deadline, created)
-        .await
-        .map_err(|_| anyhow!("deadline passed while creating the database"))??;
-    let Some((base, _)) = url.rsplit_once('/') else {
-        bail!("MABE_TEST_DATABASE_URL has no database name: {url}");
-    };
-    Ok(PgDb {
-        url: format!("{base}/{name}"),
-        drop_from: Some((url.clone(), name)),
-    })
-}
-
 /// The `mabe-authority` binary with this run's data directory and database.
 struct Authority {
     bin: PathBuf,
@@ -454,19 +312,9 @@ impl Authority {
 
     /// Run a CLI command that must succeed (before the deadline); its stdout.
     async fn cli(&self, args: &[&str], deadline: Instant) -> Result<String> {
-        let out = timeout_at(deadline, self.command().args(args).output())
-            .await
-            .map_err(|_| anyhow!("deadline passed during `mabe-authority {}`", args.join(" ")))?
-            .with_context(|| format!("running {}", self.bin.display()))?;
-        ensure!(
-            out.status.success(),
-            "`mabe-authority {}` failed ({}): {}{}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        let mut cmd = self.command();
+        cmd.args(args);
+        run_cli(cmd, &format!("mabe-authority {}", args.join(" ")), deadline).await
     }
 
     /// Start `serve` on loopback ports chosen by the system.
@@ -488,111 +336,11 @@ impl Authority {
         if let Some(t) = request_timeout {
             c.arg("--request-timeout").arg(t.to_string());
         }
-        let mut child = c
-            .env("MABE_LOG", log_filter)
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(log).context("creating the server log")?)
-            .spawn()
-            .with_context(|| format!("starting {} serve", self.bin.display()))?;
-        let mut stdout = BufReader::new(
-            child
-                .stdout
-                .take()
-                .ok_or_else(|| anyhow!("serve has no stdout"))?,
-        );
-        let mut line = String::new();
-        let read = timeout_at(
-            deadline.min(Instant::now() + Duration::from_secs(60)),
-            stdout.read_line(&mut line),
-        )
-        .await;
-        // "serving hospital-a on 127.0.0.1:P (admin 127.0.0.1:Q)"
-        let addrs: Vec<SocketAddr> = line
-            .split_whitespace()
-            .filter_map(|t| t.trim_matches(|c| c == '(' || c == ')').parse().ok())
-            .collect();
-        if !matches!(read, Ok(Ok(_))) || addrs.len() != 2 {
-            let _ = child.kill().await;
-            print_log(log);
-            bail!("serve did not start (stdout {line:?})");
-        }
-        Ok(Server {
-            child,
-            _stdout: stdout,
-            public: addrs[0],
-            admin: addrs[1],
-        })
-    }
-}
-
-/// A running `serve`; killed if dropped before [`Server::stop`].
-struct Server {
-    child: Child,
-    /// Kept open so the server never writes to a closed pipe.
-    _stdout: BufReader<ChildStdout>,
-    public: SocketAddr,
-    admin: SocketAddr,
-}
-
-impl Server {
-    /// SIGTERM (a graceful stop), then wait for a clean exit (bounded).
-    async fn stop(&mut self) -> Result<()> {
-        let pid = self
-            .child
-            .id()
-            .ok_or_else(|| anyhow!("the server already exited"))?;
-        let sent = Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .status()
+        c.env("MABE_LOG", log_filter);
+        Server::start(c, log, deadline)
             .await
-            .context("running kill")?;
-        ensure!(sent.success(), "could not signal the server (pid {pid})");
-        // Bounded on its own: the server is stopped even past the deadline.
-        match tokio::time::timeout(Duration::from_secs(60), self.child.wait()).await {
-            Ok(status) => {
-                let status = status.context("waiting for the server")?;
-                ensure!(status.success(), "the server exited with {status}");
-                Ok(())
-            }
-            Err(_) => {
-                let _ = self.child.kill().await;
-                bail!("the server did not stop within 60 s of SIGTERM")
-            }
-        }
+            .with_context(|| format!("starting {} serve", self.bin.display()))
     }
-}
-
-/// `n` TLS connections to `addr` (each tonic `Channel` is one HTTP/2 connection).
-async fn connect(
-    cert: &[u8],
-    addr: SocketAddr,
-    n: usize,
-    deadline: Instant,
-) -> Result<Vec<Channel>> {
-    ensure!(
-        addr.ip().is_loopback(),
-        "refusing a non-loopback address {addr}"
-    );
-    let endpoint = Endpoint::from_shared(format!("https://{addr}"))?
-        .tls_config(
-            ClientTlsConfig::new()
-                .ca_certificate(Certificate::from_pem(cert))
-                .domain_name("localhost"),
-        )?
-        .connect_timeout(Duration::from_secs(20));
-    let mut set = JoinSet::new();
-    for _ in 0..n {
-        let e = endpoint.clone();
-        set.spawn(async move { e.connect().await });
-    }
-    let mut out = Vec::with_capacity(n);
-    while let Some(c) = timeout_at(deadline, set.join_next())
-        .await
-        .map_err(|_| anyhow!("deadline passed while connecting to {addr}"))?
-    {
-        out.push(c?.with_context(|| format!("TLS connection to {addr}"))?);
-    }
-    Ok(out)
 }
 
 // --------------------------------------------------------------------- setup
@@ -626,48 +374,6 @@ fn nonce() -> Vec<u8> {
     n
 }
 
-/// Run `calls` setup calls with `ctx.setup_in_flight` in flight; their results.
-async fn setup_calls<T, F, Fut>(ctx: &Ctx, what: &str, calls: usize, mut call: F) -> Result<Vec<T>>
-where
-    T: Send + 'static,
-    F: FnMut(usize) -> Fut,
-    Fut: Future<Output = Result<T, tonic::Status>> + Send + 'static,
-{
-    let started = Instant::now();
-    let gate = Arc::new(Semaphore::new(ctx.setup_in_flight));
-    let mut set = JoinSet::new();
-    for i in 0..calls {
-        let gate = Arc::clone(&gate);
-        let fut = call(i);
-        set.spawn(async move {
-            let _permit = gate.acquire_owned().await;
-            (i, fut.await)
-        });
-    }
-    let mut out: Vec<Option<T>> = (0..calls).map(|_| None).collect();
-    loop {
-        let next = match timeout_at(ctx.deadline, set.join_next()).await {
-            Ok(next) => next,
-            Err(_) => {
-                set.abort_all();
-                bail!("deadline passed during setup ({what})");
-            }
-        };
-        let Some(done) = next else { break };
-        let (i, r) = done.context("a setup task failed")?;
-        let v = r.map_err(|s| anyhow!("{what} #{i}: {:?}: {}", s.code(), s.message()))?;
-        out[i] = Some(v);
-    }
-    let secs = started.elapsed().as_secs_f64();
-    note!(
-        "setup: {calls} {what} in {secs:.1} s ({:.0}/s)",
-        calls as f64 / secs.max(1e-9)
-    );
-    out.into_iter()
-        .map(|v| v.ok_or_else(|| anyhow!("{what}: a call returned nothing")))
-        .collect()
-}
-
 /// Enroll `n` people over the admin API (and grant them the fetched
 /// attribute if `grant`).
 async fn enroll(ctx: &Ctx, n: usize, grant: bool) -> Result<Arc<Vec<Person>>> {
@@ -679,7 +385,7 @@ async fn enroll(ctx: &Ctx, n: usize, grant: bool) -> Result<Arc<Vec<Person>>> {
         })
         .collect();
     let admin_key = Arc::clone(&ctx.admin_key);
-    let enrolled = setup_calls(ctx, "enrollments", n, |i| {
+    let enrolled = setup_calls("enrollments", n, ctx.setup_in_flight, ctx.deadline, |i| {
         let mut client = ctx.admin(i);
         let req = signed(
             EnrollRequest {
@@ -692,7 +398,7 @@ async fn enroll(ctx: &Ctx, n: usize, grant: bool) -> Result<Arc<Vec<Person>>> {
             &format!("{ADMIN}Enroll"),
             &admin_key,
         );
-        async move { Ok(client.enroll(req).await?.into_inner().gid) }
+        async move { Ok::<_, tonic::Status>(client.enroll(req).await?.into_inner().gid) }
     })
     .await?;
     let mut persons = Vec::with_capacity(n);
@@ -708,7 +414,7 @@ async fn enroll(ctx: &Ctx, n: usize, grant: bool) -> Result<Arc<Vec<Person>>> {
         persons.push(Person { gid, key });
     }
     if grant {
-        setup_calls(ctx, "grants", n, |i| {
+        setup_calls("grants", n, ctx.setup_in_flight, ctx.deadline, |i| {
             let mut client = ctx.admin(i);
             let req = signed(
                 GrantRequest {
@@ -725,236 +431,6 @@ async fn enroll(ctx: &Ctx, n: usize, grant: bool) -> Result<Arc<Vec<Person>>> {
         .await?;
     }
     Ok(Arc::new(persons))
-}
-
-// ------------------------------------------------------------------ measuring
-
-/// One measured phase.
-struct Outcome {
-    scenario: &'static str,
-    requests: usize,
-    in_flight: usize,
-    connections: usize,
-    errors: usize,
-    timed_out: bool,
-    wall: Duration,
-    /// Latency of the successful calls, in microseconds.
-    hist: Histogram<u64>,
-    /// Failed checks after the phase.
-    check_failures: Vec<String>,
-    /// CPU used during the phase (Linux only).
-    cpu: Option<CpuUse>,
-}
-
-impl Outcome {
-    fn passed(&self) -> bool {
-        self.errors == 0 && !self.timed_out && self.check_failures.is_empty()
-    }
-
-    fn markdown(&self, backend: Backend) -> String {
-        let ms = |us: f64| format!("{:.1}", us / 1000.0);
-        let h = &self.hist;
-        let secs = self.wall.as_secs_f64();
-        let mut errors = self.errors.to_string();
-        if self.timed_out {
-            errors.push_str(" (deadline)");
-        }
-        let mut row = format!(
-            "| {} | {} | {} | {} | {} | {} | {:.2} | {:.0} |",
-            backend.name(),
-            self.scenario,
-            self.requests,
-            self.in_flight,
-            self.connections,
-            errors,
-            secs,
-            h.len() as f64 / secs.max(1e-9),
-        );
-        if h.is_empty() {
-            row.push_str(" – | – | – | – | – |");
-        } else {
-            for v in [
-                h.mean(),
-                h.value_at_quantile(0.50) as f64,
-                h.value_at_quantile(0.95) as f64,
-                h.value_at_quantile(0.99) as f64,
-                h.max() as f64,
-            ] {
-                let _ = write!(row, " {} |", ms(v));
-            }
-        }
-        row
-    }
-}
-
-fn table_header() -> &'static str {
-    "| backend | scenario | requests | in flight | connections | errors | wall (s) | throughput (req/s) | mean (ms) | p50 (ms) | p95 (ms) | p99 (ms) | max (ms) |\n\
-     |---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
-}
-
-/// CPU counters from /proc (Linux): the machine's busy and total time, and
-/// the CPU time of this process and of the server process, in seconds.
-#[derive(Clone, Copy, Debug)]
-struct CpuSample {
-    busy: f64,
-    total: f64,
-    client: f64,
-    server: f64,
-}
-
-/// CPU used during a phase.
-#[derive(Clone, Copy, Debug)]
-struct CpuUse {
-    /// Busy share of all cores, 0..=1 (database processes included).
-    machine_busy: f64,
-    /// CPU seconds of the load generator.
-    client: f64,
-    /// CPU seconds of the `serve` process.
-    server: f64,
-}
-
-/// /proc reports times in USER_HZ, which is 100 on Linux.
-const USER_HZ: f64 = 100.0;
-
-/// utime + stime of a process, in seconds.
-fn process_cpu(stat: &str) -> Option<f64> {
-    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    // Field 3 (state) comes first after the command name; utime is field 14.
-    let utime: f64 = fields.get(11)?.parse().ok()?;
-    let stime: f64 = fields.get(12)?.parse().ok()?;
-    Some((utime + stime) / USER_HZ)
-}
-
-fn cpu_sample(server: Option<u32>) -> Option<CpuSample> {
-    let stat = std::fs::read_to_string("/proc/stat").ok()?;
-    let cpu: Vec<f64> = stat
-        .lines()
-        .next()?
-        .strip_prefix("cpu ")?
-        .split_whitespace()
-        .filter_map(|v| v.parse().ok())
-        .collect();
-    // user nice system idle iowait irq softirq steal (guest time is in user).
-    let total: f64 = cpu.iter().take(8).sum();
-    let idle = cpu.get(3)? + cpu.get(4)?;
-    let client = process_cpu(&std::fs::read_to_string("/proc/self/stat").ok()?)?;
-    let server = process_cpu(&std::fs::read_to_string(format!("/proc/{}/stat", server?)).ok()?)?;
-    Some(CpuSample {
-        busy: (total - idle) / USER_HZ,
-        total: total / USER_HZ,
-        client,
-        server,
-    })
-}
-
-fn cpu_use(before: Option<CpuSample>, after: Option<CpuSample>) -> Option<CpuUse> {
-    let (b, a) = (before?, after?);
-    let total = a.total - b.total;
-    (total > 0.0).then(|| CpuUse {
-        machine_busy: (a.busy - b.busy) / total,
-        client: a.client - b.client,
-        server: a.server - b.server,
-    })
-}
-
-/// Send `calls` (built beforehand) with at most `in_flight` outstanding:
-/// every task is spawned first, then the gate opens. Each call is timed from
-/// just before it is sent to its response; `check` judges the response.
-async fn measure<T, Fut>(
-    scenario: &'static str,
-    calls: Vec<Fut>,
-    in_flight: usize,
-    connections: usize,
-    deadline: Instant,
-    server_pid: Option<u32>,
-) -> Result<(Outcome, Vec<(usize, T)>)>
-where
-    T: Send + 'static,
-    Fut: Future<Output = Result<T, String>> + Send + 'static,
-{
-    let requests = calls.len();
-    let gate = Arc::new(Semaphore::new(0));
-    let mut set = JoinSet::new();
-    for (i, call) in calls.into_iter().enumerate() {
-        let gate = Arc::clone(&gate);
-        set.spawn(async move {
-            let _permit = gate.acquire_owned().await;
-            let t0 = Instant::now();
-            let r = call.await;
-            (i, t0.elapsed(), r)
-        });
-    }
-    let mut hist = Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3)?;
-    let mut errors = 0;
-    let mut by_kind: BTreeMap<String, usize> = BTreeMap::new();
-    let mut ok = Vec::with_capacity(requests);
-    let cpu_before = cpu_sample(server_pid);
-    let started = Instant::now();
-    gate.add_permits(in_flight.min(Semaphore::MAX_PERMITS));
-    let mut timed_out = false;
-    loop {
-        let next = match timeout_at(deadline, set.join_next()).await {
-            Ok(next) => next,
-            Err(_) => {
-                timed_out = true;
-                errors += set.len();
-                set.abort_all();
-                break;
-            }
-        };
-        let Some(done) = next else { break };
-        let (i, took, r) = done.context("a client task failed")?;
-        match r {
-            Ok(v) => {
-                hist.saturating_record(u64::try_from(took.as_micros()).unwrap_or(u64::MAX).max(1));
-                ok.push((i, v));
-            }
-            Err(e) => {
-                errors += 1;
-                let n = by_kind.entry(e.clone()).or_default();
-                *n += 1;
-                if errors <= SHOWN_ERRORS {
-                    note!("{scenario} call {i} failed after {took:.1?}: {e}");
-                }
-            }
-        }
-    }
-    let wall = started.elapsed();
-    let cpu = cpu_use(cpu_before, cpu_sample(server_pid));
-    if let Some(c) = cpu {
-        note!(
-            "{scenario}: CPU during the phase: machine {:.0}% busy ({} cores), server {:.2} s, load generator {:.2} s",
-            c.machine_busy * 100.0,
-            std::thread::available_parallelism().map_or(0, |n| n.get()),
-            c.server,
-            c.client
-        );
-    }
-    if timed_out {
-        note!("{scenario}: DEADLINE PASSED with calls still in flight");
-    }
-    for (e, n) in &by_kind {
-        note!("{scenario}: {n} × {e}");
-    }
-    Ok((
-        Outcome {
-            scenario,
-            requests,
-            in_flight: in_flight.min(requests),
-            connections,
-            errors,
-            timed_out,
-            wall,
-            hist,
-            check_failures: Vec::new(),
-            cpu,
-        },
-        ok,
-    ))
-}
-
-fn why(s: &tonic::Status) -> String {
-    format!("{:?}: {}", s.code(), s.message())
 }
 
 /// `requests` key fetches of the one granted attribute, spread over the people.
@@ -1054,33 +530,39 @@ async fn fetch_scenario(ctx: &Ctx, args: &Args, persons: &Arc<Vec<Person>>) -> R
 /// File `requests` attribute requests (setup), then decide them all at once.
 async fn decide_scenario(ctx: &Ctx, args: &Args, persons: &Arc<Vec<Person>>) -> Result<Outcome> {
     let attribute = format!("{REQUESTED}@{AUTHORITY}");
-    let ids = setup_calls(ctx, "attribute requests", args.requests, |i| {
-        let p = &persons[i % persons.len()];
-        let n = nonce();
-        let ts = now();
-        let reason = format!("load test request {i}");
-        let msg = attribute_request_message(AUTHORITY, &p.gid, &attribute, &reason, &n, ts);
-        let req = AttributeRequest {
-            authority_id: AUTHORITY.into(),
-            gid: p.gid.to_vec(),
-            attribute: attribute.clone(),
-            reason,
-            nonce: n,
-            timestamp: ts,
-            signature: p.key.sign(&msg).to_bytes().to_vec(),
-        };
-        let mut client = ctx.public(i);
-        async move {
-            let r = client.request_attribute(req).await?.into_inner();
-            if r.state != "pending" {
-                return Err(tonic::Status::internal(format!(
-                    "request {} is {}",
-                    r.request_id, r.state
-                )));
+    let ids = setup_calls(
+        "attribute requests",
+        args.requests,
+        ctx.setup_in_flight,
+        ctx.deadline,
+        |i| {
+            let p = &persons[i % persons.len()];
+            let n = nonce();
+            let ts = now();
+            let reason = format!("load test request {i}");
+            let msg = attribute_request_message(AUTHORITY, &p.gid, &attribute, &reason, &n, ts);
+            let req = AttributeRequest {
+                authority_id: AUTHORITY.into(),
+                gid: p.gid.to_vec(),
+                attribute: attribute.clone(),
+                reason,
+                nonce: n,
+                timestamp: ts,
+                signature: p.key.sign(&msg).to_bytes().to_vec(),
+            };
+            let mut client = ctx.public(i);
+            async move {
+                let r = client.request_attribute(req).await?.into_inner();
+                if r.state != "pending" {
+                    return Err(tonic::Status::internal(format!(
+                        "request {} is {}",
+                        r.request_id, r.state
+                    )));
+                }
+                Ok(r.request_id)
             }
-            Ok(r.request_id)
-        }
-    })
+        },
+    )
     .await?;
     let method = format!("{ADMIN}DecideRequest");
     let calls: Vec<_> = ids

@@ -21,7 +21,17 @@
 //! attribute take a transaction-scoped advisory lock derived from it
 //! ([`attribute_lock_key`]): shared for uploads and token batches, exclusive
 //! for a freeze. So a freeze sees every upload committed before it, and every
-//! upload committed after it sees the freeze.
+//! upload committed after it sees the freeze. A freeze's Merkle root and row
+//! count are computed from exactly the rows its snapshot stores, in the same
+//! transaction, so a record deleted concurrently is either in both or in
+//! neither.
+//!
+//! CPU-heavy work (decoding and re-encoding headers, hashing a large
+//! snapshot) runs in a bounded blocking section ([`crate::cpu`]), never on
+//! the async runtime's worker threads.
+//!
+//! Reads never wait for writes: SQLite reads use read-only connections (WAL)
+//! on threads of their own, PostgreSQL reads use the connection pool.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -139,6 +149,26 @@ impl fmt::Debug for StoredRecord {
             .field("chunks", &self.chunks)
             .field("payload_size", &self.payload_size)
             .finish_non_exhaustive()
+    }
+}
+
+/// A record's metadata and its first payload chunk, read together from one
+/// consistent view ([`Store::read_record`]): a record of at most one chunk
+/// (every payload up to [`crate::STORE_CHUNK_BYTES`]) is read whole.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RecordRead {
+    /// The record's metadata and current header.
+    pub record: StoredRecord,
+    /// Chunk 0 of the payload; `None` if the payload is empty.
+    pub first_chunk: Option<Vec<u8>>,
+}
+
+impl fmt::Debug for RecordRead {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RecordRead")
+            .field("record", &self.record)
+            .field("first_chunk_len", &self.first_chunk.as_ref().map(Vec::len))
+            .finish()
     }
 }
 
@@ -275,6 +305,30 @@ pub trait Store: Send + Sync + fmt::Debug {
 
     /// One record's metadata.
     async fn record(&self, record_id: &RecordId) -> Result<Option<StoredRecord>>;
+    /// One record's metadata and its first payload chunk, from one
+    /// consistent view (what `GetRecord` starts with: a record of one chunk
+    /// costs one read). `Corrupt` if the record has chunks but chunk 0 is
+    /// missing.
+    ///
+    /// The default reads [`Store::record`], then [`Store::chunk`] (two
+    /// views: a record deleted in between reads as not found).
+    async fn read_record(&self, record_id: &RecordId) -> Result<Option<RecordRead>> {
+        let Some(record) = self.record(record_id).await? else {
+            return Ok(None);
+        };
+        let first_chunk = if record.chunks > 0 {
+            match self.chunk(record.blob_id, 0).await? {
+                Some(c) => Some(c),
+                None => return Ok(None),
+            }
+        } else {
+            None
+        };
+        Ok(Some(RecordRead {
+            record,
+            first_chunk,
+        }))
+    }
     /// Chunk `seq` of a committed blob.
     async fn chunk(&self, blob_id: i64, seq: i64) -> Result<Option<Vec<u8>>>;
     /// Records with ids greater than `after`, ordered by id, at most `limit`.

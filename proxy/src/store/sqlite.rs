@@ -1,27 +1,40 @@
 //! The SQLite backend: the embedded default, one database file in the data
 //! directory.
 //!
-//! rusqlite is blocking, so every operation runs on
-//! [`tokio::task::spawn_blocking`] against one connection behind a mutex.
-//! The connection runs with `journal_mode=WAL`, `synchronous=FULL` (a
-//! committed transaction survives a crash or `SIGKILL`), `foreign_keys=ON`
-//! and `busy_timeout=5000`. Every write is one `BEGIN IMMEDIATE`
-//! transaction, so writes are serialized, also against other processes
-//! opening the same file (the CLI's `trust add` while `serve` runs).
+//! rusqlite is blocking, so no operation runs on an async worker thread, and
+//! callers wait for a connection asynchronously, never on a blocking thread.
+//!
+//! - **Writes** go through one read-write connection behind an async mutex
+//!   (FIFO), on [`tokio::task::spawn_blocking`] once they hold it. It runs with `journal_mode=WAL`, `synchronous=FULL` (a committed
+//!   transaction survives a crash or `SIGKILL`), `foreign_keys=ON` and
+//!   `busy_timeout=5000`. Every write is one `BEGIN IMMEDIATE` transaction,
+//!   so writes are serialized, also against other processes opening the same
+//!   file (the CLI's `trust add` while `serve` runs).
+//! - **Reads** (records, payload chunks, listings, freezes, snapshots, trusted
+//!   keys) go through [`DEFAULT_READERS`] read-only connections, each owned
+//!   by a thread of its own that takes reads from a queue (no blocking-pool
+//!   hop per read). Several reads run at once and none waits for a write: in
+//!   WAL mode a reader sees the last commit before its statement (or its
+//!   read transaction, for reads of several statements) began, while a
+//!   writer appends to the log. A read issued after a write returned sees
+//!   that write.
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::panic::AssertUnwindSafe;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, mpsc};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
-use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
+use tokio::sync::oneshot;
 
 use super::{
-    C2Bytes, FreezeInfo, FreezeProgress, GroupOutcome, NewRecord, RecordId, RecordSummary, SnapRow,
-    Store, StoredRecord, TokenGroup, TrustedAuthority, UpdatePlan, fixed, non_negative,
-    plan_update, small, snapshot_root,
+    C2Bytes, FreezeInfo, FreezeProgress, GroupOutcome, NewRecord, RecordId, RecordRead,
+    RecordSummary, SnapRow, Store, StoredRecord, TokenGroup, TrustedAuthority, UpdatePlan, fixed,
+    non_negative, plan_update, small, snapshot_root,
 };
 use crate::error::{ProxyError, Result};
 
@@ -31,11 +44,21 @@ const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("../../migrations/sqlite/0
 /// How long a writer waits for another process's write lock.
 const BUSY_TIMEOUT: Duration = Duration::from_millis(5000);
 
+/// Read-only connections (each with its own thread) a store opens by
+/// default: reads are short, and more of them do not make two cores faster.
+pub const DEFAULT_READERS: usize = 4;
+
+/// Bytes of the database file each reader maps into memory (1 GiB of
+/// address space; only touched pages use memory, shared with the OS page
+/// cache).
+const READER_MMAP_BYTES: i64 = 1 << 30;
+
 /// A proxy store in one SQLite database file. Cheap to clone: clones share
-/// the connection.
+/// the connections.
 #[derive(Clone)]
 pub struct SqliteStore {
-    conn: Arc<Mutex<Connection>>,
+    writer: Arc<tokio::sync::Mutex<Connection>>,
+    readers: Arc<ReadPool>,
     location: Arc<str>,
 }
 
@@ -43,27 +66,125 @@ impl fmt::Debug for SqliteStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SqliteStore")
             .field("location", &self.location)
+            .field("readers", &self.readers.readers.len())
             .finish_non_exhaustive()
     }
 }
 
+/// A read, run on a reader thread with its connection.
+type ReadJob = Box<dyn FnOnce(&Connection) + Send>;
+
+/// One reader thread: it owns a read-only connection and runs the jobs sent
+/// to it in order, until every sender is dropped (the store is dropped).
+struct Reader {
+    jobs: mpsc::Sender<ReadJob>,
+    /// Jobs sent and not yet finished.
+    pending: Arc<AtomicUsize>,
+}
+
+/// Read-only connections, each owned by its own thread. A read goes to the
+/// reader with the fewest pending jobs and its result comes back over a
+/// oneshot channel: under load a reader takes the next job without
+/// sleeping, so a read costs no thread wake-up (unlike `spawn_blocking`
+/// per read, which woke a pool thread every time).
+struct ReadPool {
+    readers: Vec<Reader>,
+}
+
+impl ReadPool {
+    fn start(path: &Path, n: usize) -> Result<ReadPool> {
+        let mut readers = Vec::with_capacity(n);
+        for i in 0..n {
+            let conn = open_reader(path)?;
+            let (jobs, queue) = mpsc::channel::<ReadJob>();
+            let pending = Arc::new(AtomicUsize::new(0));
+            let left = Arc::clone(&pending);
+            std::thread::Builder::new()
+                .name(format!("sqlite-reader-{i}"))
+                .spawn(move || {
+                    while let Ok(job) = queue.recv() {
+                        job(&conn);
+                        left.fetch_sub(1, Ordering::Relaxed);
+                    }
+                })
+                .map_err(|e| ProxyError::Backend(format!("cannot start a reader thread: {e}")))?;
+            readers.push(Reader { jobs, pending });
+        }
+        Ok(ReadPool { readers })
+    }
+
+    /// Queue `job` on the least busy reader.
+    fn submit(&self, job: ReadJob) -> Result<()> {
+        let reader = self
+            .readers
+            .iter()
+            .min_by_key(|r| r.pending.load(Ordering::Relaxed))
+            .ok_or_else(|| ProxyError::Backend("the SQLite store has no readers".into()))?;
+        reader.pending.fetch_add(1, Ordering::Relaxed);
+        reader.jobs.send(job).map_err(|_| {
+            reader.pending.fetch_sub(1, Ordering::Relaxed);
+            ProxyError::Backend("a SQLite reader thread has stopped".into())
+        })
+    }
+}
+
+/// A read-only connection to the database at `path` (which the writer has
+/// put in WAL mode).
+fn open_reader(path: &Path) -> Result<Connection> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|e| {
+        ProxyError::Backend(format!(
+            "cannot open SQLite database {} for reading: {e}",
+            path.display()
+        ))
+    })?;
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(db_err)?;
+    // Read database pages through a memory map instead of read() into each
+    // connection's own page cache (2 MiB by default: a store of many records
+    // misses it on almost every read). Pages still in the WAL are read from
+    // the log as before.
+    conn.pragma_update(None, "mmap_size", READER_MMAP_BYTES)
+        .map_err(db_err)?;
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+        .map_err(db_err)?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(ProxyError::Backend(format!(
+            "SQLite database {} is in {mode:?} journal mode, not WAL",
+            path.display()
+        )));
+    }
+    Ok(conn)
+}
+
 impl SqliteStore {
     /// Open (creating if needed) the database file at `path`, set the
-    /// connection's pragmas and apply any missing migrations.
+    /// connection's pragmas and apply any missing migrations; reads use up
+    /// to [`DEFAULT_READERS`] read-only connections.
     ///
     /// Fails with [`ProxyError::Corrupt`] if the database was written by a
     /// newer build.
     pub fn open(path: &Path) -> Result<Self> {
+        Self::open_with_readers(path, DEFAULT_READERS)
+    }
+
+    /// [`SqliteStore::open`] with `readers` (at least 1) read-only
+    /// connections, each on its own thread.
+    pub fn open_with_readers(path: &Path, readers: usize) -> Result<Self> {
         let conn = Connection::open(path).map_err(|e| {
             ProxyError::Backend(format!(
                 "cannot open SQLite database {}: {e}",
                 path.display()
             ))
         })?;
-        Self::setup(conn, path.display().to_string())
+        Self::setup(conn, path, readers.max(1))
     }
 
-    fn setup(mut conn: Connection, location: String) -> Result<Self> {
+    fn setup(mut conn: Connection, path: &Path, readers: usize) -> Result<Self> {
+        let location = path.display().to_string();
         conn.busy_timeout(BUSY_TIMEOUT).map_err(db_err)?;
         let mode: String = conn
             .pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))
@@ -89,42 +210,65 @@ impl SqliteStore {
             )));
         }
         migrate(&mut conn)?;
+        // Readers open now: a database they cannot read fails here, not on
+        // the first read.
+        let readers = ReadPool::start(path, readers)?;
         Ok(SqliteStore {
-            conn: Arc::new(Mutex::new(conn)),
+            writer: Arc::new(tokio::sync::Mutex::new(conn)),
+            readers: Arc::new(readers),
             location: location.into(),
         })
     }
 
-    /// Run `f` with the connection on the blocking thread pool.
-    async fn call<T, F>(&self, f: F) -> Result<T>
-    where
-        T: Send + 'static,
-        F: FnOnce(&mut Connection) -> Result<T> + Send + 'static,
-    {
-        let conn = Arc::clone(&self.conn);
-        tokio::task::spawn_blocking(move || {
-            let mut guard = conn.lock().map_err(|_| {
-                ProxyError::Backend(
-                    "the SQLite connection is unusable: an operation panicked while holding it"
-                        .to_owned(),
-                )
-            })?;
-            f(&mut guard)
-        })
-        .await
-        .map_err(|e| ProxyError::Backend(format!("SQLite worker task failed: {e}")))?
-    }
-
-    /// Run `f` in one `BEGIN IMMEDIATE` transaction, committed if it succeeds.
+    /// Run `f` in one `BEGIN IMMEDIATE` transaction on the write connection,
+    /// committed if it succeeds. Waits (asynchronously) for the writer, then
+    /// runs on the blocking thread pool.
     async fn write<T, F>(&self, f: F) -> Result<T>
     where
         T: Send + 'static,
         F: FnOnce(&rusqlite::Transaction<'_>) -> Result<T> + Send + 'static,
     {
-        self.call(move |conn| {
+        let mut conn = Arc::clone(&self.writer).lock_owned().await;
+        tokio::task::spawn_blocking(move || {
             let tx = conn
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .map_err(db_err)?;
+            let out = f(&tx)?;
+            tx.commit().map_err(db_err)?;
+            Ok(out)
+        })
+        .await
+        .map_err(|e| ProxyError::Backend(format!("SQLite writer task failed: {e}")))?
+    }
+
+    /// Run `f` on a reader thread with its read-only connection, never
+    /// waiting for a writer (WAL). Each statement `f` runs is its own
+    /// consistent snapshot; use [`SqliteStore::read_tx`] for several.
+    async fn read<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        self.readers.submit(Box::new(move |conn| {
+            // A panic must not take the reader thread (and its queue) down.
+            let out = std::panic::catch_unwind(AssertUnwindSafe(|| f(conn)))
+                .unwrap_or_else(|_| Err(ProxyError::Internal("a SQLite read panicked".into())));
+            let _ = tx.send(out);
+        }))?;
+        rx.await
+            .map_err(|_| ProxyError::Backend("a SQLite reader thread has stopped".into()))?
+    }
+
+    /// [`SqliteStore::read`] in one read transaction: every statement of `f`
+    /// sees the same snapshot.
+    async fn read_tx<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+    {
+        self.read(move |conn| {
+            let tx = conn.unchecked_transaction().map_err(db_err)?;
             let out = f(&tx)?;
             tx.commit().map_err(db_err)?;
             Ok(out)
@@ -297,6 +441,61 @@ const PENDING_PAGE: &str = "SELECT s.record_id, s.row_index, s.c2 FROM snapshot_
        AND (s.record_id > ?3 OR (s.record_id = ?3 AND s.row_index > ?4))
      ORDER BY s.record_id, s.row_index LIMIT ?5";
 
+/// A record's metadata, with its first payload chunk if `first_chunk`
+/// (one statement: a consistent view).
+fn load_record(conn: &Connection, id: &[u8], with_first_chunk: bool) -> Result<Option<RecordRead>> {
+    let sql = if with_first_chunk {
+        "SELECT r.record_id, r.header, r.blob_id, r.chunk_count, r.payload_size,
+                r.payload_sha256, r.created_at, c.data
+         FROM records r LEFT JOIN chunks c ON c.blob_id = r.blob_id AND c.seq = 0
+         WHERE r.record_id = ?1"
+    } else {
+        "SELECT record_id, header, blob_id, chunk_count, payload_size, payload_sha256,
+                created_at, NULL
+         FROM records WHERE record_id = ?1"
+    };
+    let row = conn
+        .prepare_cached(sql)
+        .map_err(db_err)?
+        .query_row(params![id], |r| {
+            Ok((
+                r.get::<_, Vec<u8>>(0)?,
+                r.get::<_, Vec<u8>>(1)?,
+                r.get::<_, i64>(2)?,
+                r.get::<_, i64>(3)?,
+                r.get::<_, i64>(4)?,
+                r.get::<_, Vec<u8>>(5)?,
+                r.get::<_, i64>(6)?,
+                r.get::<_, Option<Vec<u8>>>(7)?,
+            ))
+        })
+        .optional()
+        .map_err(db_err)?;
+    row.map(
+        |(rid, header, blob_id, chunks, size, sha, created_at, first_chunk)| {
+            if with_first_chunk && chunks > 0 && first_chunk.is_none() {
+                return Err(ProxyError::Corrupt(format!(
+                    "record {} has {chunks} payload chunks but no chunk 0",
+                    hex::encode(&rid)
+                )));
+            }
+            Ok(RecordRead {
+                record: StoredRecord {
+                    record_id: fixed(&rid, "record id")?,
+                    header,
+                    blob_id,
+                    chunks,
+                    payload_size: non_negative(size, "payload size")?,
+                    payload_sha256: fixed(&sha, "payload digest")?,
+                    created_at,
+                },
+                first_chunk,
+            })
+        },
+    )
+    .transpose()
+}
+
 /// One token group inside the open transaction (the caller wraps it in a savepoint).
 fn apply_group(conn: &Connection, g: &TokenGroup, now: i64) -> Result<GroupOutcome> {
     if load_freeze(conn, &g.attribute, g.from_version)?.is_none() {
@@ -410,7 +609,7 @@ impl Store for SqliteStore {
     }
 
     async fn trusted(&self) -> Result<Vec<TrustedAuthority>> {
-        self.call(|conn| {
+        self.read(|conn| {
             let mut stmt = conn
                 .prepare(
                     "SELECT authority_id, identity_key, added_at FROM trusted_authorities
@@ -442,7 +641,7 @@ impl Store for SqliteStore {
 
     async fn trusted_key(&self, authority_id: &str) -> Result<Option<[u8; 32]>> {
         let id = authority_id.to_owned();
-        self.call(move |conn| {
+        self.read(move |conn| {
             conn.query_row(
                 "SELECT identity_key FROM trusted_authorities WHERE authority_id = ?1",
                 params![id],
@@ -631,51 +830,23 @@ impl Store for SqliteStore {
 
     async fn record(&self, record_id: &RecordId) -> Result<Option<StoredRecord>> {
         let id = record_id.to_vec();
-        self.call(move |conn| {
-            let row = conn
-                .query_row(
-                    "SELECT record_id, header, blob_id, chunk_count, payload_size, payload_sha256,
-                            created_at
-                     FROM records WHERE record_id = ?1",
-                    params![id],
-                    |r| {
-                        Ok((
-                            r.get::<_, Vec<u8>>(0)?,
-                            r.get::<_, Vec<u8>>(1)?,
-                            r.get::<_, i64>(2)?,
-                            r.get::<_, i64>(3)?,
-                            r.get::<_, i64>(4)?,
-                            r.get::<_, Vec<u8>>(5)?,
-                            r.get::<_, i64>(6)?,
-                        ))
-                    },
-                )
-                .optional()
-                .map_err(db_err)?;
-            row.map(|(rid, header, blob_id, chunks, size, sha, created_at)| {
-                Ok(StoredRecord {
-                    record_id: fixed(&rid, "record id")?,
-                    header,
-                    blob_id,
-                    chunks,
-                    payload_size: non_negative(size, "payload size")?,
-                    payload_sha256: fixed(&sha, "payload digest")?,
-                    created_at,
-                })
-            })
-            .transpose()
-        })
-        .await
+        self.read(move |conn| Ok(load_record(conn, &id, false)?.map(|r| r.record)))
+            .await
+    }
+
+    async fn read_record(&self, record_id: &RecordId) -> Result<Option<RecordRead>> {
+        let id = record_id.to_vec();
+        self.read(move |conn| load_record(conn, &id, true)).await
     }
 
     async fn chunk(&self, blob_id: i64, seq: i64) -> Result<Option<Vec<u8>>> {
-        self.call(move |conn| {
-            conn.query_row(
+        self.read(move |conn| {
+            conn.prepare_cached(
                 "SELECT c.data FROM chunks c JOIN blobs b ON b.blob_id = c.blob_id
                  WHERE c.blob_id = ?1 AND c.seq = ?2 AND b.committed = 1",
-                params![blob_id, seq],
-                |r| r.get(0),
             )
+            .map_err(db_err)?
+            .query_row(params![blob_id, seq], |r| r.get(0))
             .optional()
             .map_err(db_err)
         })
@@ -688,7 +859,7 @@ impl Store for SqliteStore {
         limit: u32,
     ) -> Result<Vec<RecordSummary>> {
         let after = after.map(|a| a.to_vec()).unwrap_or_default();
-        self.call(move |conn| {
+        self.read_tx(move |conn| {
             let mut stmt = conn
                 .prepare(
                     "SELECT record_id, length(header), payload_size, created_at FROM records
@@ -848,12 +1019,12 @@ impl Store for SqliteStore {
 
     async fn freeze_info(&self, attribute: &str, version: u32) -> Result<Option<FreezeInfo>> {
         let attribute = attribute.to_owned();
-        self.call(move |conn| load_freeze(conn, &attribute, version))
+        self.read(move |conn| load_freeze(conn, &attribute, version))
             .await
     }
 
     async fn freezes(&self) -> Result<Vec<FreezeProgress>> {
-        self.call(|conn| {
+        self.read_tx(|conn| {
             let list: Vec<FreezeInfo> = {
                 let mut stmt = conn
                     .prepare(&format!(
@@ -885,13 +1056,13 @@ impl Store for SqliteStore {
         limit: u32,
     ) -> Result<Vec<SnapRow>> {
         let attribute = attribute.to_owned();
-        self.call(move |conn| snap_rows(conn, SNAPSHOT_PAGE, &attribute, version, after, limit))
+        self.read(move |conn| snap_rows(conn, SNAPSHOT_PAGE, &attribute, version, after, limit))
             .await
     }
 
     async fn pending_count(&self, attribute: &str, version: u32) -> Result<u64> {
         let attribute = attribute.to_owned();
-        self.call(move |conn| count_pending(conn, &attribute, version))
+        self.read(move |conn| count_pending(conn, &attribute, version))
             .await
     }
 
@@ -903,7 +1074,7 @@ impl Store for SqliteStore {
         limit: u32,
     ) -> Result<Vec<SnapRow>> {
         let attribute = attribute.to_owned();
-        self.call(move |conn| snap_rows(conn, PENDING_PAGE, &attribute, version, after, limit))
+        self.read(move |conn| snap_rows(conn, PENDING_PAGE, &attribute, version, after, limit))
             .await
     }
 
