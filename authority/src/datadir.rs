@@ -11,21 +11,63 @@
 //! DATA/instance-id       this replica's name for sharing rotation work (created on use)
 //! ```
 //!
-//! `init` builds all of it as `.DATA.init-staging` beside `DATA` (the
-//! database last) and renames that into place once complete, so `DATA`
-//! exists only as a complete authority.
+//! [`DataDir::init`] (what `mabe-authority init` runs) builds all of it as
+//! `.DATA.init-staging` beside `DATA` (the database last) and renames that
+//! into place once complete, so `DATA` exists only as a complete authority.
+//! [`DataDir::open_node`] opens the node of an initialised directory.
+//!
+//! ```no_run
+//! # async fn demo() -> anyhow::Result<()> {
+//! use mabe_authority::{datadir::{DataDir, StoreOptions}, node::NodeConfig};
+//! let dir = DataDir::new("hospital-a");
+//! let opts = StoreOptions::default(); // SQLite in the directory, KEK in kek.hex
+//! dir.init(&"hospital-a".parse()?, &opts).await?;
+//! let node = dir.open_node(&opts, NodeConfig::default()).await?;
+//! println!("identity key {}", hex::encode(node.identity_public_key().to_bytes()));
+//! # Ok(()) }
+//! ```
 
 use std::{
     fs,
     io::Write,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use anyhow::{Context, Result, bail};
+use ark_std::rand::{RngCore, rngs::OsRng};
 use ed25519_dalek::SigningKey;
+use mabe_abe::AuthorityId;
 use zeroize::Zeroizing;
 
-use crate::{seal::Kek, server::TlsPem};
+use crate::{
+    node::{Node, NodeConfig},
+    seal::Kek,
+    server::TlsPem,
+    store::{Store, postgres::PgStore, sqlite::SqliteStore},
+};
+
+/// Where an authority's database lives and where its key-encryption key
+/// comes from (`mabe-authority --database-url` and `--kek-file`). The
+/// default is the SQLite database in the data directory and the KEK in
+/// `MABE_KEK` if set, else in the data directory's `kek.hex`.
+#[derive(Clone, Debug, Default)]
+pub struct StoreOptions {
+    /// PostgreSQL URL; `None` for the SQLite database in the data directory.
+    pub database_url: Option<String>,
+    /// File holding the KEK (64 hex digits); `MABE_KEK` takes precedence.
+    pub kek_file: Option<PathBuf>,
+}
+
+/// What [`DataDir::init`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InitOutcome {
+    /// A new authority was created.
+    Created,
+    /// An interrupted `init` of this authority had finished everything but
+    /// the final rename; it was moved into place.
+    FinishedInterrupted,
+}
 
 /// Paths inside a data directory.
 #[derive(Clone, Debug)]
@@ -267,6 +309,230 @@ impl DataDir {
             key: fs::read(&key).with_context(|| format!("reading {}", key.display()))?,
         })
     }
+}
+
+impl DataDir {
+    /// Open the database: PostgreSQL if `opts` names one, else the SQLite
+    /// database in this directory (created if absent: check the directory
+    /// with [`DataDir::authority_id`] first unless that is what you want).
+    pub async fn open_store(&self, opts: &StoreOptions) -> Result<Arc<dyn Store>> {
+        Ok(match &opts.database_url {
+            Some(url) => Arc::new(
+                PgStore::connect(url)
+                    .await
+                    .context("connecting to PostgreSQL")?,
+            ),
+            None => Arc::new(
+                SqliteStore::open(&self.database())
+                    .with_context(|| format!("opening {}", self.database().display()))?,
+            ),
+        })
+    }
+
+    /// Open the node of an initialised directory with `config`, whose
+    /// `instance_id` is replaced by this directory's ([`DataDir::instance_id`]).
+    /// Never creates a database in a directory that `init` did not set up.
+    pub async fn open_node(&self, opts: &StoreOptions, mut config: NodeConfig) -> Result<Node> {
+        self.authority_id()?;
+        config.instance_id = self.instance_id()?;
+        let store = self.open_store(opts).await?;
+        let kek = self.load_kek(opts.kek_file.as_deref())?;
+        Ok(Node::open(store, kek, config).await?)
+    }
+
+    /// Create a new authority `id` in this directory (`mabe-authority
+    /// init`): the id, a KEK (unless `MABE_KEK` or `opts.kek_file` supplies
+    /// one), an admin key, a development TLS certificate and the database
+    /// with a new identity key. Refuses a directory that is not empty.
+    ///
+    /// Validates first, then builds the whole directory under a staging name
+    /// beside it ([`DataDir::staging`]), initialises the database last, and
+    /// moves the directory into place with one rename. A failure or crash at
+    /// any point leaves either no data directory (the next `init` removes the
+    /// staging leftover and starts over) or a complete one. With PostgreSQL,
+    /// a crash between the database commit and the rename leaves a complete
+    /// staging directory, which the next `init` moves into place.
+    pub async fn init(&self, id: &AuthorityId, opts: &StoreOptions) -> Result<InitOutcome> {
+        self.check_vacant()?;
+        let staging = self.staging()?;
+        if staging.root().exists() {
+            if let Some(staged) = staging.staged_authority(opts).await? {
+                if staged != id.as_str() {
+                    bail!(
+                        "{} holds an interrupted init of authority {staged} whose database is \
+                         initialised: run init --authority-id {staged} to finish it",
+                        staging.root().display()
+                    );
+                }
+                self.install(&staging)?;
+                return Ok(InitOutcome::FinishedInterrupted);
+            }
+            fs::remove_dir_all(staging.root()).with_context(|| {
+                format!(
+                    "removing {}, left by an interrupted init",
+                    staging.root().display()
+                )
+            })?;
+        }
+        staging.create()?;
+        match staging.init_staged(id, opts).await {
+            Ok(()) => {}
+            Err(Staged::NothingCommitted(e)) => {
+                let _ = fs::remove_dir_all(staging.root());
+                return Err(e);
+            }
+            Err(Staged::Committed(e)) => {
+                return Err(e.context(format!(
+                    "the authority's database is initialised, its keys are in {}: run init again \
+                     to finish",
+                    staging.root().display()
+                )));
+            }
+        }
+        self.install(&staging).with_context(|| {
+            format!(
+                "the authority is complete in {}: run init again to finish",
+                staging.root().display()
+            )
+        })?;
+        Ok(InitOutcome::Created)
+    }
+
+    /// Write the files of a new authority into this (staging) directory,
+    /// then initialise the database (the commit point) and close it.
+    async fn init_staged(&self, id: &AuthorityId, opts: &StoreOptions) -> Result<(), Staged> {
+        let before = |e: anyhow::Error| Staged::NothingCommitted(e);
+        write_synced(&self.id_file(), format!("{id}\n").as_bytes()).map_err(before)?;
+        let kek = if std::env::var("MABE_KEK").is_ok() || opts.kek_file.is_some() {
+            self.load_kek(opts.kek_file.as_deref()).map_err(before)?
+        } else {
+            let kek = Kek::generate(&mut OsRng);
+            write_private(&self.kek_file(), kek.to_hex().as_bytes()).map_err(before)?;
+            kek
+        };
+        let mut seed = Zeroizing::new([0u8; 32]);
+        OsRng.fill_bytes(seed.as_mut());
+        let admin = SigningKey::from_bytes(&seed);
+        write_private(
+            &self.admin_key_file(),
+            Zeroizing::new(hex::encode(admin.to_bytes())).as_bytes(),
+        )
+        .map_err(before)?;
+        self.write_dev_tls().map_err(before)?;
+        let sqlite = match &opts.database_url {
+            Some(_) => None,
+            None => Some(
+                SqliteStore::open(&self.database())
+                    .context("creating the SQLite database")
+                    .map_err(before)?,
+            ),
+        };
+        let store: Arc<dyn Store> = match &sqlite {
+            Some(s) => Arc::new(s.clone()),
+            None => self.open_store(opts).await.map_err(before)?,
+        };
+        let admin_pk = admin.verifying_key();
+        let node = match Node::init_with_admin_key(
+            Arc::clone(&store),
+            id.as_str(),
+            kek,
+            NodeConfig::default(),
+            admin_pk,
+        )
+        .await
+        {
+            Ok(node) => node,
+            // Did the commit land anyway (e.g. the connection broke after it)?
+            Err(e) => {
+                return Err(match store.meta().await {
+                    Ok(Some(m)) if m.admin_public_key == admin_pk.to_bytes() => {
+                        Staged::Committed(e.into())
+                    }
+                    Ok(_) => Staged::NothingCommitted(e.into()),
+                    Err(_) => Staged::Committed(e.into()),
+                });
+            }
+        };
+        drop(node);
+        drop(store);
+        if let Some(s) = sqlite {
+            s.close()
+                .await
+                .context("closing the new database")
+                .map_err(Staged::Committed)?;
+        }
+        Ok(())
+    }
+
+    /// The authority id of a complete staging directory that an interrupted
+    /// `init` left behind (files in place, database initialised with its
+    /// admin key), or `None` if it is incomplete and may be removed. An error
+    /// means it may hold the only keys of an initialised database: keep it.
+    async fn staged_authority(&self, opts: &StoreOptions) -> Result<Option<String>> {
+        let files =
+            self.authority_id().is_ok() && self.tls_cert().is_file() && self.tls_key().is_file();
+        let Ok(admin) = self.admin_key() else {
+            // The admin key is written before the database is touched.
+            return Ok(None);
+        };
+        let admin = admin.verifying_key();
+        match &opts.database_url {
+            // Self-contained: whatever is wrong with it, nothing else refers to it.
+            None => {
+                if !files || !self.database().is_file() {
+                    return Ok(None);
+                }
+                let Ok(sqlite) = SqliteStore::open(&self.database()) else {
+                    return Ok(None);
+                };
+                let opened = match self.load_kek(opts.kek_file.as_deref()) {
+                    Ok(kek) => Node::open(Arc::new(sqlite.clone()), kek, NodeConfig::default())
+                        .await
+                        .ok(),
+                    Err(_) => None,
+                };
+                let staged = opened
+                    .filter(|n| n.admin_public_key() == &admin)
+                    .map(|n| n.authority_id().as_str().to_owned());
+                sqlite.close().await?;
+                Ok(staged)
+            }
+            Some(_) => {
+                let store = self.open_store(opts).await?;
+                match store.meta().await? {
+                    Some(m) if m.admin_public_key == admin.to_bytes() => {}
+                    // Not initialised by this init: the leftover may go.
+                    _ => return Ok(None),
+                }
+                if !files {
+                    bail!(
+                        "{} holds the admin key of an initialised database but not all of its \
+                         files: finish it by hand",
+                        self.root.display()
+                    );
+                }
+                let kek = self.load_kek(opts.kek_file.as_deref())?;
+                let node = Node::open(store, kek, NodeConfig::default())
+                    .await
+                    .with_context(|| {
+                        format!(
+                            "{} belongs to an initialised database whose identity key does not \
+                             open with this key-encryption key",
+                            self.root.display()
+                        )
+                    })?;
+                Ok(Some(node.authority_id().as_str().to_owned()))
+            }
+        }
+    }
+}
+
+/// How far a failed [`DataDir::init_staged`] got.
+enum Staged {
+    /// The database holds nothing of this init: the staging directory may go.
+    NothingCommitted(anyhow::Error),
+    /// The database may be initialised with the staged keys: keep them.
+    Committed(anyhow::Error),
 }
 
 /// Read an admin signing key file (64 hex digits, as `init` writes it).

@@ -24,12 +24,10 @@ use ed25519_dalek::SigningKey;
 use mabe_abe::AuthorityId;
 use mabe_authority::{
     admin_client::signed,
-    datadir::{DataDir, read_admin_key, write_private, write_synced},
+    datadir::{DataDir, InitOutcome, StoreOptions, read_admin_key, write_private},
     grpc::AdminService,
     node::{Node, NodeConfig},
-    seal::Kek,
     server::{Listeners, ServeOptions, serve},
-    store::{Store, postgres::PgStore, sqlite::SqliteStore},
 };
 use mabe_proto::v1::{
     AddProxyRequest, CheckpointRequest, CreateAttributeRequest, DecideRequestRequest,
@@ -338,18 +336,12 @@ enum AuditCmd {
     Checkpoint,
 }
 
-async fn open_store(cli: &Cli, dir: &DataDir) -> Result<Arc<dyn Store>> {
-    Ok(match &cli.database_url {
-        Some(url) => Arc::new(
-            PgStore::connect(url)
-                .await
-                .context("connecting to PostgreSQL")?,
-        ),
-        None => Arc::new(
-            SqliteStore::open(&dir.database())
-                .with_context(|| format!("opening {}", dir.database().display()))?,
-        ),
-    })
+/// The database and key-encryption key options given on the command line.
+fn store_options(cli: &Cli) -> StoreOptions {
+    StoreOptions {
+        database_url: cli.database_url.clone(),
+        kek_file: cli.kek_file.clone(),
+    }
 }
 
 async fn open_node(cli: &Cli, dir: &DataDir) -> Result<Arc<Node>> {
@@ -357,14 +349,8 @@ async fn open_node(cli: &Cli, dir: &DataDir) -> Result<Arc<Node>> {
 }
 
 async fn open_node_with(cli: &Cli, dir: &DataDir, mut config: NodeConfig) -> Result<Arc<Node>> {
-    // Check the directory first: never create a database in a directory
-    // that `init` did not set up.
-    dir.authority_id()?;
-    config.instance_id = dir.instance_id()?;
     config.directory_validity_secs = cli.directory_validity;
-    let store = open_store(cli, dir).await?;
-    let kek = dir.load_kek(cli.kek_file.as_deref())?;
-    Ok(Arc::new(Node::open(store, kek, config).await?))
+    Ok(Arc::new(dir.open_node(&store_options(cli), config).await?))
 }
 
 /// The background duties of `serve`: drive pending rotations, revoke
@@ -827,200 +813,15 @@ fn gid_bytes(hex_gid: &str) -> Result<Vec<u8>> {
     Ok(b)
 }
 
-/// `init`. Validates first, then builds the whole data directory under a
-/// staging name beside it (id, KEK, admin key, TLS certificate, and the
-/// SQLite database), initialises the database last, and moves the directory
-/// into place with one rename. A failure or crash at any point leaves either
-/// no data directory (the next `init` removes the staging leftover and
-/// starts over) or a complete one. With PostgreSQL, a crash between the
-/// database commit and the rename leaves a complete staging directory, which
-/// the next `init` moves into place.
+/// `init`: create the authority (see [`DataDir::init`]) and say what it is.
 async fn init(cli: &Cli, dir: &DataDir, authority_id: &str) -> Result<()> {
     let id: AuthorityId = authority_id
         .parse()
         .map_err(|e| anyhow::anyhow!("invalid authority id {authority_id:?}: {e}"))?;
-    dir.check_vacant()?;
-    let staging = dir.staging()?;
-    if staging.root().exists() {
-        if let Some(staged) = staged_authority(cli, &staging).await? {
-            if staged != id.as_str() {
-                bail!(
-                    "{} holds an interrupted init of authority {staged} whose database is \
-                     initialised: run init --authority-id {staged} to finish it",
-                    staging.root().display()
-                );
-            }
-            dir.install(&staging)?;
-            println!("finished an interrupted init");
-            return describe_new(cli, dir).await;
-        }
-        std::fs::remove_dir_all(staging.root()).with_context(|| {
-            format!(
-                "removing {}, left by an interrupted init",
-                staging.root().display()
-            )
-        })?;
+    if dir.init(&id, &store_options(cli)).await? == InitOutcome::FinishedInterrupted {
+        println!("finished an interrupted init");
     }
-    staging.create()?;
-    match init_staged(cli, &staging, &id).await {
-        Ok(()) => {}
-        Err(Staged::NothingCommitted(e)) => {
-            let _ = std::fs::remove_dir_all(staging.root());
-            return Err(e);
-        }
-        Err(Staged::Committed(e)) => {
-            return Err(e.context(format!(
-                "the authority's database is initialised, its keys are in {}: run init again \
-                 to finish",
-                staging.root().display()
-            )));
-        }
-    }
-    dir.install(&staging).with_context(|| {
-        format!(
-            "the authority is complete in {}: run init again to finish",
-            staging.root().display()
-        )
-    })?;
     describe_new(cli, dir).await
-}
-
-/// How far a failed [`init_staged`] got.
-enum Staged {
-    /// The database holds nothing of this init: the staging directory may go.
-    NothingCommitted(anyhow::Error),
-    /// The database may be initialised with the staged keys: keep them.
-    Committed(anyhow::Error),
-}
-
-/// Write the files of a new authority into `staging`, then initialise the
-/// database (the commit point) and close it.
-async fn init_staged(cli: &Cli, staging: &DataDir, id: &AuthorityId) -> Result<(), Staged> {
-    use ark_std::rand::{RngCore, rngs::OsRng};
-    let before = |e: anyhow::Error| Staged::NothingCommitted(e);
-    write_synced(&staging.id_file(), format!("{id}\n").as_bytes()).map_err(before)?;
-    let kek = if std::env::var("MABE_KEK").is_ok() || cli.kek_file.is_some() {
-        staging.load_kek(cli.kek_file.as_deref()).map_err(before)?
-    } else {
-        let kek = Kek::generate(&mut OsRng);
-        write_private(&staging.kek_file(), kek.to_hex().as_bytes()).map_err(before)?;
-        kek
-    };
-    let mut seed = zeroize::Zeroizing::new([0u8; 32]);
-    OsRng.fill_bytes(seed.as_mut());
-    let admin = SigningKey::from_bytes(&seed);
-    write_private(
-        &staging.admin_key_file(),
-        zeroize::Zeroizing::new(hex::encode(admin.to_bytes())).as_bytes(),
-    )
-    .map_err(before)?;
-    staging.write_dev_tls().map_err(before)?;
-    let sqlite = match &cli.database_url {
-        Some(_) => None,
-        None => Some(
-            SqliteStore::open(&staging.database())
-                .context("creating the SQLite database")
-                .map_err(before)?,
-        ),
-    };
-    let store: Arc<dyn Store> = match &sqlite {
-        Some(s) => Arc::new(s.clone()),
-        None => open_store(cli, staging).await.map_err(before)?,
-    };
-    let admin_pk = admin.verifying_key();
-    let node = match Node::init_with_admin_key(
-        Arc::clone(&store),
-        id.as_str(),
-        kek,
-        NodeConfig::default(),
-        admin_pk,
-    )
-    .await
-    {
-        Ok(node) => node,
-        // Did the commit land anyway (e.g. the connection broke after it)?
-        Err(e) => {
-            return Err(match store.meta().await {
-                Ok(Some(m)) if m.admin_public_key == admin_pk.to_bytes() => {
-                    Staged::Committed(e.into())
-                }
-                Ok(_) => Staged::NothingCommitted(e.into()),
-                Err(_) => Staged::Committed(e.into()),
-            });
-        }
-    };
-    drop(node);
-    drop(store);
-    if let Some(s) = sqlite {
-        s.close()
-            .await
-            .context("closing the new database")
-            .map_err(Staged::Committed)?;
-    }
-    Ok(())
-}
-
-/// The authority id of a complete staging directory that an interrupted
-/// `init` left behind (files in place, database initialised with its admin
-/// key), or `None` if it is incomplete and may be removed. An error means
-/// it may hold the only keys of an initialised database: keep it.
-async fn staged_authority(cli: &Cli, staging: &DataDir) -> Result<Option<String>> {
-    let files = staging.authority_id().is_ok()
-        && staging.tls_cert().is_file()
-        && staging.tls_key().is_file();
-    let Ok(admin) = staging.admin_key() else {
-        // The admin key is written before the database is touched.
-        return Ok(None);
-    };
-    let admin = admin.verifying_key();
-    match &cli.database_url {
-        // Self-contained: whatever is wrong with it, nothing else refers to it.
-        None => {
-            if !files || !staging.database().is_file() {
-                return Ok(None);
-            }
-            let Ok(sqlite) = SqliteStore::open(&staging.database()) else {
-                return Ok(None);
-            };
-            let opened = match staging.load_kek(cli.kek_file.as_deref()) {
-                Ok(kek) => Node::open(Arc::new(sqlite.clone()), kek, NodeConfig::default())
-                    .await
-                    .ok(),
-                Err(_) => None,
-            };
-            let staged = opened
-                .filter(|n| n.admin_public_key() == &admin)
-                .map(|n| n.authority_id().as_str().to_owned());
-            sqlite.close().await?;
-            Ok(staged)
-        }
-        Some(_) => {
-            let store = open_store(cli, staging).await?;
-            match store.meta().await? {
-                Some(m) if m.admin_public_key == admin.to_bytes() => {}
-                // Not initialised by this init: the leftover may go.
-                _ => return Ok(None),
-            }
-            if !files {
-                bail!(
-                    "{} holds the admin key of an initialised database but not all of its \
-                     files: finish it by hand",
-                    staging.root().display()
-                );
-            }
-            let kek = staging.load_kek(cli.kek_file.as_deref())?;
-            let node = Node::open(store, kek, NodeConfig::default())
-                .await
-                .with_context(|| {
-                    format!(
-                        "{} belongs to an initialised database whose identity key does not \
-                         open with this key-encryption key",
-                        staging.root().display()
-                    )
-                })?;
-            Ok(Some(node.authority_id().as_str().to_owned()))
-        }
-    }
 }
 
 /// Print what `init` made.

@@ -6,15 +6,30 @@
 //! DATA/tls/key.pem     its private key (0600)
 //! DATA/proxy.db        SQLite database (when no --database-url is given)
 //! ```
+//!
+//! [`DataDir::init`] is what `mabe-proxy init` runs; [`DataDir::open_node`]
+//! opens the node of an initialised directory.
+//!
+//! ```no_run
+//! # async fn demo() -> mabe_proxy::Result<()> {
+//! let dir = mabe_proxy::datadir::DataDir::new("cloud");
+//! dir.init("cloud-1", None).await?;
+//! let node = dir.open_node(None).await?;
+//! node.trust("hospital-a", &[0u8; 32]).await?; // the authority's identity key
+//! # Ok(()) }
+//! ```
 
 use std::{
     fs,
     io::Write,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use crate::error::{ProxyError, Result};
+use crate::node::{Node, NodeConfig, valid_proxy_id};
 use crate::server::TlsPem;
+use crate::store::{Store, postgres::PgStore, sqlite::SqliteStore};
 
 /// Paths inside a data directory.
 #[derive(Clone, Debug)]
@@ -119,6 +134,39 @@ impl DataDir {
         let cert = self.tls_cert();
         fs::write(&cert, ck.cert.pem()).map_err(|e| io("writing", &cert, e))?;
         write_private(&self.tls_key(), ck.signing_key.serialize_pem().as_bytes())
+    }
+
+    /// Create a new proxy `proxy_id` in this directory (`mabe-proxy init`):
+    /// the directory (refused if not empty), the id, the database (the
+    /// PostgreSQL one at `database_url`, else SQLite in the directory) and a
+    /// development TLS certificate.
+    pub async fn init(&self, proxy_id: &str, database_url: Option<&str>) -> Result<()> {
+        if !valid_proxy_id(proxy_id) {
+            return Err(ProxyError::InvalidArgument(
+                "a proxy id must match [a-z0-9][a-z0-9.-]{0,62}".into(),
+            ));
+        }
+        self.create()?;
+        self.write_proxy_id(proxy_id)?;
+        self.open_store(database_url).await?;
+        self.write_dev_tls()
+    }
+
+    /// Open the database: PostgreSQL at `database_url` if given, else the
+    /// SQLite database in this directory (created if absent).
+    pub async fn open_store(&self, database_url: Option<&str>) -> Result<Arc<dyn Store>> {
+        Ok(match database_url {
+            Some(url) => Arc::new(PgStore::connect(url).await?),
+            None => Arc::new(SqliteStore::open(&self.database())?),
+        })
+    }
+
+    /// Open the node of an initialised directory. Never creates a database
+    /// in a directory that `init` did not set up.
+    pub async fn open_node(&self, database_url: Option<&str>) -> Result<Node> {
+        let id = self.proxy_id()?;
+        let store = self.open_store(database_url).await?;
+        Node::new(store, NodeConfig::new(id))
     }
 
     /// Load a certificate and key (the given paths, or the dev pair).

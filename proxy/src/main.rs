@@ -9,9 +9,8 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use mabe_proxy::{
     datadir::DataDir,
-    node::{Node, NodeConfig, valid_proxy_id},
+    node::{Node, valid_proxy_id},
     server::{Listeners, ServeOptions, serve},
-    store::{Store, postgres::PgStore, sqlite::SqliteStore},
 };
 
 #[derive(Parser, Debug)]
@@ -110,25 +109,8 @@ enum RecordsCmd {
     },
 }
 
-async fn open_store(cli: &Cli, dir: &DataDir) -> Result<Arc<dyn Store>> {
-    Ok(match &cli.database_url {
-        Some(url) => Arc::new(
-            PgStore::connect(url)
-                .await
-                .context("connecting to PostgreSQL")?,
-        ),
-        None => Arc::new(
-            SqliteStore::open(&dir.database())
-                .with_context(|| format!("opening {}", dir.database().display()))?,
-        ),
-    })
-}
-
 async fn open_node(cli: &Cli, dir: &DataDir) -> Result<Arc<Node>> {
-    // Never create a database in a directory that `init` did not set up.
-    let id = dir.proxy_id()?;
-    let store = open_store(cli, dir).await?;
-    Ok(Arc::new(Node::new(store, NodeConfig::new(id))?))
+    Ok(Arc::new(dir.open_node(cli.database_url.as_deref()).await?))
 }
 
 async fn shutdown_signal() {
@@ -156,10 +138,7 @@ async fn run(cli: Cli) -> Result<()> {
             if !valid_proxy_id(proxy_id) {
                 anyhow::bail!("--proxy-id must match [a-z0-9][a-z0-9.-]{{0,62}}");
             }
-            dir.create()?;
-            dir.write_proxy_id(proxy_id)?;
-            open_store(&cli, &dir).await?;
-            dir.write_dev_tls()?;
+            dir.init(proxy_id, cli.database_url.as_deref()).await?;
             println!("initialised proxy {proxy_id}");
             println!("data directory: {}", dir.root().display());
             println!("dev TLS certificate: {}", dir.tls_cert().display());

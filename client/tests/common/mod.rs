@@ -32,31 +32,35 @@ pub const MABE: &str = env!("CARGO_BIN_EXE_mabe");
 /// directory and profile): `cargo test -p mabe-client` does not build it.
 pub fn authority_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let mabe = Path::new(MABE);
-        let profile_dir = mabe.parent().expect("profile dir");
-        let target_dir = profile_dir.parent().expect("target dir");
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| env!("CARGO").to_owned());
-        let mut cmd = Command::new(cargo);
-        cmd.args([
-            "build",
-            "-q",
-            "-p",
-            "mabe-authority",
-            "--bin",
-            "mabe-authority",
-        ])
+    BIN.get_or_init(|| workspace_bin("mabe-authority"))
+}
+
+/// The `mabe-proxy` binary, built once next to `mabe` like
+/// [`authority_bin`].
+pub fn proxy_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| workspace_bin("mabe-proxy"))
+}
+
+/// Build the binary `name` of the workspace package of the same name into
+/// the target directory and profile that built `mabe`, and return its path.
+fn workspace_bin(name: &str) -> PathBuf {
+    let mabe = Path::new(MABE);
+    let profile_dir = mabe.parent().expect("profile dir");
+    let target_dir = profile_dir.parent().expect("target dir");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| env!("CARGO").to_owned());
+    let mut cmd = Command::new(cargo);
+    cmd.args(["build", "-q", "-p", name, "--bin", name])
         .arg("--target-dir")
         .arg(target_dir);
-        if profile_dir.file_name().is_some_and(|n| n == "release") {
-            cmd.arg("--release");
-        }
-        let status = cmd.status().expect("run cargo build");
-        assert!(status.success(), "building mabe-authority failed");
-        let bin = profile_dir.join(format!("mabe-authority{}", std::env::consts::EXE_SUFFIX));
-        assert!(bin.exists(), "{} missing", bin.display());
-        bin
-    })
+    if profile_dir.file_name().is_some_and(|n| n == "release") {
+        cmd.arg("--release");
+    }
+    let status = cmd.status().expect("run cargo build");
+    assert!(status.success(), "building {name} failed");
+    let bin = profile_dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
+    assert!(bin.exists(), "{} missing", bin.display());
+    bin
 }
 
 /// Output of a command as text, with its exit code.
@@ -66,7 +70,7 @@ pub struct Ran {
     pub stderr: String,
 }
 
-impl Ran {
+impl From<Output> for Ran {
     fn from(out: Output) -> Ran {
         Ran {
             code: out.status.code(),
@@ -74,6 +78,9 @@ impl Ran {
             stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
         }
     }
+}
+
+impl Ran {
     pub fn ok(self, what: &str) -> Ran {
         assert_eq!(
             self.code,
