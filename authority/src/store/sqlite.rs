@@ -1692,6 +1692,10 @@ impl Store for SqliteStore {
                     },
                 )?;
             }
+            // The entry names whose request it was and for what.
+            let mut ev = ev.clone();
+            ev.subject.get_or_insert_with(|| hex::encode(req.gid));
+            ev.attribute.get_or_insert_with(|| req.attribute.clone());
             append(tx, &ev)?;
             req.state = state;
             req.decided_by = Some(decided_by);
