@@ -888,3 +888,47 @@ pub fn decrypt(
     mabe_abe::decrypt(&header, ring, pks, ct, &mut out)?;
     Ok(out)
 }
+
+/// The end state of a revocation of `cardiology@hospital-a` over records
+/// stored as `records[i] = (id, payload)` with plaintext `r{i}`: every
+/// payload is byte for byte what was stored, every record decrypts for
+/// `holder` with keys fetched now from `a`, and every `sample_every`-th record
+/// does not decrypt with `revoked`, the revoked person's old keys.
+///
+/// ```no_run
+/// # async fn f(a: &mabe_interop_tests::Authority, p: &mabe_interop_tests::Proxy,
+/// #            h: &mabe_interop_tests::Person, old: &mabe_abe::UserKeyRing,
+/// #            ids: &[(mabe_proxy::store::RecordId, Vec<u8>)]) -> anyhow::Result<()> {
+/// mabe_interop_tests::assert_rotated(a, p, h, old, ids, 50).await?;
+/// # Ok(()) }
+/// ```
+pub async fn assert_rotated(
+    a: &Authority,
+    proxy: &Proxy,
+    holder: &Person,
+    revoked: &UserKeyRing,
+    records: &[(mabe_proxy::store::RecordId, Vec<u8>)],
+    sample_every: usize,
+) -> Result<()> {
+    let mut keys = holder.ring()?;
+    a.fetch_keys(holder, &mut keys).await?;
+    let pks = a.directory().await?;
+    let mut store = proxy.records().await?;
+    for (i, (id, ct)) in records.iter().enumerate() {
+        let (header, payload) = store.get(id, Vec::new()).await?;
+        ensure!(&payload == ct, "record {i}: the payload changed");
+        let plain = decrypt(&header, ct, &keys, &pks)
+            .with_context(|| format!("record {i} for the remaining holder"))?;
+        ensure!(
+            plain == format!("r{i}").into_bytes(),
+            "record {i}: wrong plaintext"
+        );
+        if i % sample_every.max(1) == 0 {
+            ensure!(
+                decrypt(&header, ct, revoked, &pks).is_err(),
+                "record {i} still decrypts with the revoked keys"
+            );
+        }
+    }
+    Ok(())
+}

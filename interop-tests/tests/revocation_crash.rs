@@ -13,7 +13,7 @@
 
 use std::{io::Cursor, time::Duration};
 
-use mabe_interop_tests::{Authority, Backend, Person, Proxy, decrypt, encrypt, free_port};
+use mabe_interop_tests::{Authority, Backend, Person, Proxy, assert_rotated, encrypt, free_port};
 
 const RECORDS: usize = 2000;
 
@@ -145,22 +145,9 @@ async fn crash_and_resume(backend: Backend) {
 
     // Every row was updated exactly once: the colleague's new key decrypts
     // every record, the doctor's key none.
-    let mut colleague_keys = colleague.ring().unwrap();
-    a.fetch_keys(&colleague, &mut colleague_keys).await.unwrap();
-    let pks2 = a.directory().await.unwrap();
-    let mut store = proxy.records().await.unwrap();
-    for (i, (id, ct)) in ids.iter().enumerate() {
-        let (header, payload) = store.get(id, Vec::new()).await.unwrap();
-        assert_eq!(&payload, ct);
-        assert_eq!(
-            decrypt(&header, ct, &colleague_keys, &pks2).unwrap(),
-            format!("r{i}").into_bytes(),
-            "record {i}"
-        );
-        if i % 50 == 0 {
-            assert!(decrypt(&header, ct, &doc_keys, &pks2).is_err());
-        }
-    }
+    assert_rotated(&a, &proxy, &colleague, &doc_keys, &ids, 50)
+        .await
+        .unwrap();
     let audit = a.ok(&["audit", "verify"]).unwrap();
     assert!(audit.contains("audit log verifies"), "{audit}");
     a.served.take().unwrap().stop().unwrap();
