@@ -49,8 +49,12 @@ use crate::{
 
 /// Tokens per `ApplyTokens` call (each token is about 700 bytes).
 pub const TOKENS_PER_CALL: usize = 256;
-/// Rows computed per round (then sent while the next round computes).
+/// Rows computed per round at most (then sent while the next round computes).
 pub const ROWS_PER_ROUND: usize = 1024;
+/// Rows in the first round of a chunk. Its tokens are computed before
+/// anything can be sent; later rounds double up to [`ROWS_PER_ROUND`], so
+/// sending overlaps computing even in a chunk of a few hundred rows.
+pub const FIRST_ROUND: usize = 64;
 /// Pending rows asked for per `FreezeStatus` page.
 const STATUS_PAGE: u32 = 10_000;
 
@@ -338,14 +342,17 @@ async fn compute(
     .map_err(|_| NodeError::Conflict("the token task was cancelled".into()))?
 }
 
-/// Split rows (sorted by record) into rounds that never cut a record.
-fn rounds(rows: &[SnapshotRow], size: usize) -> Vec<Vec<SnapshotRow>> {
+/// Split rows (sorted by record) into rounds that never cut a record: the
+/// first of about `first` rows, each next one twice as large, up to `max`.
+fn rounds(rows: &[SnapshotRow], first: usize, max: usize) -> Vec<Vec<SnapshotRow>> {
     let mut out: Vec<Vec<SnapshotRow>> = Vec::new();
     let mut cur: Vec<SnapshotRow> = Vec::new();
+    let mut size = first.clamp(1, max.max(1));
     for r in rows {
         let same_record = cur.last().is_some_and(|l| l.record == r.record);
         if cur.len() >= size && !same_record {
             out.push(std::mem::take(&mut cur));
+            size = size.saturating_mul(2).min(max.max(1));
         }
         cur.push(*r);
     }
@@ -496,7 +503,7 @@ impl ProxyRun<'_> {
         rows: &[SnapshotRow],
         lease: Option<(&ChunkLease, u32)>,
     ) -> NodeResult<()> {
-        let mut rounds = rounds(rows, ROWS_PER_ROUND).into_iter();
+        let mut rounds = rounds(rows, FIRST_ROUND, ROWS_PER_ROUND).into_iter();
         let Some(first) = rounds.next() else {
             return Ok(());
         };
@@ -704,7 +711,7 @@ mod tests {
             row(3, 2),
             row(4, 0),
         ];
-        let r = rounds(&rows, 2);
+        let r = rounds(&rows, 2, 2);
         let shape: Vec<Vec<(u8, u32)>> = r
             .iter()
             .map(|v| v.iter().map(|x| (x.record.as_bytes()[0], x.row)).collect())
@@ -717,6 +724,13 @@ mod tests {
                 vec![(4, 0)]
             ]
         );
-        assert!(rounds(&[], 5).is_empty());
+        assert!(rounds(&[], 5, 5).is_empty());
+    }
+
+    #[test]
+    fn rounds_grow_from_the_first_to_the_largest() {
+        let rows: Vec<SnapshotRow> = (0..20).map(|i| row(i, 0)).collect();
+        let sizes: Vec<usize> = rounds(&rows, 1, 4).iter().map(Vec::len).collect();
+        assert_eq!(sizes, vec![1, 2, 4, 4, 4, 4, 1]);
     }
 }
