@@ -889,6 +889,32 @@ pub fn decrypt(
     Ok(out)
 }
 
+/// Store `n` records under `cardiology@hospital-a` at `proxy` through the
+/// record-store API, record i with plaintext `r{i}`; returns each record's id
+/// and stored payload, the input of [`assert_rotated`]. (Thousands of CLI
+/// runs would only slow a test down; the revocation itself stays real.)
+///
+/// ```no_run
+/// # async fn f(p: &mabe_interop_tests::Proxy, pks: &mabe_abe::PublicKeyRing) -> anyhow::Result<()> {
+/// let ids = mabe_interop_tests::store_records(p, pks, 100).await?;
+/// assert_eq!(ids.len(), 100);
+/// # Ok(()) }
+/// ```
+pub async fn store_records(
+    proxy: &Proxy,
+    pks: &PublicKeyRing,
+    n: usize,
+) -> Result<Vec<(mabe_proxy::store::RecordId, Vec<u8>)>> {
+    let mut store = proxy.records().await?;
+    let mut ids = Vec::with_capacity(n);
+    for i in 0..n {
+        let (header, ct) = encrypt("cardiology@hospital-a", pks, format!("r{i}").as_bytes())?;
+        let id = store.put(&header, std::io::Cursor::new(ct.clone())).await?;
+        ids.push((id, ct));
+    }
+    Ok(ids)
+}
+
 /// The end state of a revocation of `cardiology@hospital-a` over records
 /// stored as `records[i] = (id, payload)` with plaintext `r{i}`: every
 /// payload is byte for byte what was stored, every record decrypts for

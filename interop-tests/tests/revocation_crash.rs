@@ -11,9 +11,11 @@
 //! fail) and for nobody holding the revoked key, and the audit log verifies.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::{io::Cursor, time::Duration};
+use std::time::Duration;
 
-use mabe_interop_tests::{Authority, Backend, Person, Proxy, assert_rotated, encrypt, free_port};
+use mabe_interop_tests::{
+    Authority, Backend, Person, Proxy, assert_rotated, free_port, store_records,
+};
 
 const RECORDS: usize = 2000;
 
@@ -95,17 +97,7 @@ async fn crash_and_resume(backend: Backend) {
 
     // Bulk setup through the record-store API (2,000 CLI runs would only
     // slow the test down; the revocation itself is all real processes).
-    let mut store = proxy.records().await.unwrap();
-    let mut ids = Vec::with_capacity(RECORDS);
-    for i in 0..RECORDS {
-        let (header, ct) =
-            encrypt("cardiology@hospital-a", &pks, format!("r{i}").as_bytes()).unwrap();
-        ids.push((
-            store.put(&header, Cursor::new(ct.clone())).await.unwrap(),
-            ct,
-        ));
-    }
-    drop(store);
+    let ids = store_records(&proxy, &pks, RECORDS).await.unwrap();
 
     // Record the revocation; the running `serve` drives it.
     let gid = doc.gid.to_string();

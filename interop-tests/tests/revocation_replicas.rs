@@ -10,9 +10,9 @@
 //! leases show that both replicas did part of the work.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::{io::Cursor, time::Duration};
+use std::time::Duration;
 
-use mabe_interop_tests::{Authority, Backend, Person, Proxy, assert_rotated, encrypt};
+use mabe_interop_tests::{Authority, Backend, Person, Proxy, assert_rotated, store_records};
 
 const RECORDS: usize = 3000;
 
@@ -77,17 +77,7 @@ async fn two_replicas_share_one_revocation_postgres() {
     let mut doc_keys = doc.ring().unwrap();
     first.fetch_keys(&doc, &mut doc_keys).await.unwrap();
     let pks = first.directory().await.unwrap();
-    let mut store = proxy.records().await.unwrap();
-    let mut ids = Vec::with_capacity(RECORDS);
-    for i in 0..RECORDS {
-        let (header, ct) =
-            encrypt("cardiology@hospital-a", &pks, format!("r{i}").as_bytes()).unwrap();
-        ids.push((
-            store.put(&header, Cursor::new(ct.clone())).await.unwrap(),
-            ct,
-        ));
-    }
-    drop(store);
+    let ids = store_records(&proxy, &pks, RECORDS).await.unwrap();
     first.served.take().unwrap().stop().unwrap();
 
     // Record the revocation, then start both replicas with their drivers.
