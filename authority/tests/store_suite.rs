@@ -272,6 +272,7 @@ suite!(
     audit_entries_are_bounded,
     attributes_and_requests_come_in_pages,
     chunk_leases_are_exclusive_and_expire,
+    concurrent_decisions_decide_each_request_once,
 );
 
 // ---------------------------------------------------------------------------
@@ -1359,6 +1360,143 @@ async fn concurrent_writes_with_failures_are_isolated(h: Arc<Harness>) {
     assert_eq!(s.people().await.unwrap().len(), 90);
     let entries = all_entries(&*s).await;
     assert_eq!(entries.len(), base + 80, "failed writes appended nothing");
+    let mut v = Verifier::default();
+    for e in &entries {
+        v.entry(e);
+    }
+    assert!(v.finish().problems.is_empty());
+}
+
+/// Many decisions at once (PostgreSQL writes runs of them with set-based
+/// statements) give the outcomes one-by-one writes would: a second decision
+/// on a request conflicts, a nonce used by two calls is a replay for exactly
+/// one, an unknown request is not found, approving both of a person's
+/// requests for one attribute leaves one grant, interleaved writes land, and
+/// the chain has one entry per accepted write. A note PostgreSQL cannot
+/// store (a NUL byte) may fail, but alone, not with the rest of its batch.
+async fn concurrent_decisions_decide_each_request_once(h: Arc<Harness>) {
+    let s = h.store();
+    s.create_attribute(&attr(DOCTOR, 1), ev("create-attribute"))
+        .await
+        .unwrap();
+    let mut reqs = Vec::new();
+    for n in 0..40u8 {
+        s.enroll(&person(n), ev("enroll")).await.unwrap();
+        for why in ["nights", "weekends"] {
+            let r = s
+                .create_request(&[n; 32], DOCTOR, why, 100, ev("request"))
+                .await
+                .unwrap();
+            reqs.push((n, r.id));
+        }
+    }
+    let base = all_entries(&*s).await.len();
+    let nonce = |k: usize| NonceUse {
+        space: [0xad; 32],
+        nonce: u32::try_from(k).unwrap().to_be_bytes().to_vec(),
+        seen_at: 1_000,
+        prune_before: 400,
+    };
+    let decide = |id: i64, approve: bool, note: &'static str, k: usize| {
+        let s = Arc::clone(&s);
+        tokio::spawn(async move {
+            s.decide_request(
+                id,
+                approve,
+                "admin",
+                note,
+                200,
+                ev("decide"),
+                Some(nonce(k)),
+            )
+            .await
+        })
+    };
+    // (k, first decision, the extra call made for some k)
+    let mut calls = Vec::new();
+    let mut enrolls = Vec::new();
+    for (k, &(n, id)) in reqs.iter().enumerate() {
+        let approve = n % 2 == 0;
+        let note = if k == 7 { "bad\0note" } else { "ok" };
+        let first = decide(id, approve, note, k);
+        let extra = match k % 10 {
+            // The same request again with its own nonce.
+            3 => Some(decide(id, !approve, "", 1000 + k)),
+            // An unknown request, reusing nonce k.
+            5 => Some(decide(id + 100_000, true, "", k)),
+            _ => None,
+        };
+        if k % 10 == 9 {
+            let s = Arc::clone(&s);
+            let p = person(100 + u8::try_from(k / 10).unwrap());
+            enrolls.push(tokio::spawn(
+                async move { s.enroll(&p, ev("enroll")).await },
+            ));
+        }
+        calls.push((k, id, first, extra));
+    }
+    let mut accepted = 0;
+    let mut decided = std::collections::HashMap::new();
+    for (k, id, first, extra) in calls {
+        let first = first.await.unwrap();
+        let extra = match extra {
+            Some(t) => Some(t.await.unwrap()),
+            None => None,
+        };
+        match (k % 10, &first, &extra) {
+            (3, _, Some(again)) => {
+                let oks = [&first, again].iter().filter(|r| r.is_ok()).count();
+                assert_eq!(oks, 1, "request {id}: {first:?} / {again:?}");
+                let refused = if first.is_ok() { again } else { &first };
+                assert!(
+                    matches!(refused, Err(StoreError::Conflict(_))),
+                    "request {id}: {refused:?}"
+                );
+            }
+            (5, Ok(_), Some(Err(StoreError::Replay))) => {}
+            (5, Err(StoreError::Replay), Some(Err(StoreError::NotFound(_)))) => {}
+            (5, _, Some(other)) => panic!("nonce reused: {first:?} / {other:?}"),
+            _ if k == 7 => assert!(
+                matches!(first, Ok(_) | Err(StoreError::Backend(_))),
+                "{first:?}"
+            ),
+            _ => assert!(first.is_ok(), "request {id}: {first:?}"),
+        }
+        for rec in [Some(first), extra].into_iter().flatten().flatten() {
+            assert_eq!(rec.id, id);
+            accepted += 1;
+            decided.insert(id, rec.state);
+        }
+    }
+    for e in enrolls {
+        e.await.unwrap().unwrap();
+        accepted += 1;
+    }
+
+    // What is stored agrees with the answers.
+    let mut holders_expected = std::collections::BTreeSet::new();
+    for r in s.requests(None).await.unwrap() {
+        let want = decided.get(&r.id).copied().unwrap_or(RequestState::Pending);
+        assert_eq!(r.state, want, "request {}", r.id);
+        if r.state == RequestState::Approved {
+            holders_expected.insert(r.gid);
+        }
+    }
+    let holders: std::collections::BTreeSet<[u8; 32]> = s
+        .holders(DOCTOR)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|g| g.gid)
+        .collect();
+    assert_eq!(holders, holders_expected);
+    assert!(holders.len() >= 15, "most even people were approved");
+    let entries = all_entries(&*s).await;
+    assert_eq!(
+        entries.len(),
+        base + accepted,
+        "one entry per accepted write"
+    );
     let mut v = Verifier::default();
     for e in &entries {
         v.entry(e);
