@@ -29,7 +29,11 @@
 //!
 //! [`Store::claim_chunk`]: crate::store::Store::claim_chunk
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use ark_std::rand::rngs::OsRng;
 use mabe_abe::{RecordId, Snapshot, SnapshotRow, TokenGenerator, UpdateSecret, Version};
@@ -54,7 +58,10 @@ pub const ROWS_PER_ROUND: usize = 1024;
 /// Rows in the first round of a chunk. Its tokens are computed before
 /// anything can be sent; later rounds double up to [`ROWS_PER_ROUND`], so
 /// sending overlaps computing even in a chunk of a few hundred rows.
-pub const FIRST_ROUND: usize = 64;
+pub const FIRST_ROUND: usize = 32;
+/// Least time between two progress records while tokens are sent (each asks
+/// the proxy for its pending count and writes the progress row).
+pub const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 /// Pending rows asked for per `FreezeStatus` page.
 const STATUS_PAGE: u32 = 10_000;
 
@@ -494,73 +501,88 @@ impl ProxyRun<'_> {
         Ok(pending)
     }
 
-    /// Compute and send the tokens of `rows` (in record order), computing
-    /// round i+1 while round i is on the wire. With a lease, it is renewed
-    /// after every round, and the work stops if the lease was lost (another
-    /// replica took the chunk over after this one stalled).
+    /// Compute and send the tokens of `rows` (in record order). The next
+    /// round is computed while this one is sent and while the bookkeeping
+    /// after it runs, so the cores stay busy with tokens. With a lease, it is
+    /// renewed once a third of its time has passed, and the work stops if the
+    /// lease was lost (another replica took the chunk over after this one
+    /// stalled). Progress is recorded at most every [`PROGRESS_EVERY`].
     async fn send_rows(
         &mut self,
         rows: &[SnapshotRow],
         lease: Option<(&ChunkLease, u32)>,
     ) -> NodeResult<()> {
         let mut rounds = rounds(rows, FIRST_ROUND, ROWS_PER_ROUND).into_iter();
-        let Some(first) = rounds.next() else {
-            return Ok(());
+        let generator = Arc::clone(&self.tokens_gen);
+        let start = |rows: Vec<SnapshotRow>| {
+            let generator = Arc::clone(&generator);
+            AbortOnDrop(tokio::spawn(async move {
+                let tokens = compute(&generator, rows.clone()).await;
+                (rows, tokens)
+            }))
         };
-        let mut current = (first.clone(), compute(&self.tokens_gen, first).await?);
-        loop {
-            let next = rounds.next();
-            let (rows_now, tokens_now) = current;
-            let computed = match next.clone() {
-                Some(n) => {
-                    let (sent, computed) = tokio::join!(
-                        send(
-                            self.node,
-                            &mut self.client,
-                            &self.proxy.id,
-                            &rows_now,
-                            tokens_now
-                        ),
-                        compute(&self.tokens_gen, n)
-                    );
-                    sent?;
-                    Some(computed?)
-                }
-                None => {
-                    send(
-                        self.node,
-                        &mut self.client,
-                        &self.proxy.id,
-                        &rows_now,
-                        tokens_now,
-                    )
-                    .await?;
-                    None
-                }
-            };
+        let mut ahead = rounds.next().map(start);
+        let renew_every = Duration::from_secs(
+            u64::try_from(self.node.config().chunk_lease_secs / 3).unwrap_or(0),
+        );
+        let mut renewed = Instant::now();
+        let mut recorded = Instant::now();
+        while let Some(task) = ahead.take() {
+            let (rows_now, tokens_now) = task.join().await?;
+            let tokens_now = tokens_now?;
+            ahead = rounds.next().map(start);
+            send(
+                self.node,
+                &mut self.client,
+                &self.proxy.id,
+                &rows_now,
+                tokens_now,
+            )
+            .await?;
             if let Some((lease, chunk)) = lease {
-                let until = now().saturating_add(self.node.config().chunk_lease_secs);
-                if !self
-                    .node
-                    .store()
-                    .update_chunk(lease, chunk, until, None)
-                    .await?
-                {
-                    tracing::info!(
-                        rotation = self.job.id,
-                        proxy = %self.proxy.id,
-                        chunk,
-                        "lease lost to another replica; leaving the chunk to it"
-                    );
-                    return Ok(());
+                if renewed.elapsed() >= renew_every {
+                    let until = now().saturating_add(self.node.config().chunk_lease_secs);
+                    if !self
+                        .node
+                        .store()
+                        .update_chunk(lease, chunk, until, None)
+                        .await?
+                    {
+                        tracing::info!(
+                            rotation = self.job.id,
+                            proxy = %self.proxy.id,
+                            chunk,
+                            "lease lost to another replica; leaving the chunk to it"
+                        );
+                        return Ok(());
+                    }
+                    renewed = Instant::now();
                 }
             }
-            self.update_progress(false).await?;
-            match (next, computed) {
-                (Some(n), Some(t)) => current = (n, t),
-                _ => return Ok(()),
+            if recorded.elapsed() >= PROGRESS_EVERY {
+                self.update_progress(false).await?;
+                recorded = Instant::now();
             }
         }
+        Ok(())
+    }
+}
+
+/// A spawned task that is cancelled if its handle is dropped (a round
+/// computed ahead is not wanted once the run has failed or stopped).
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> AbortOnDrop<T> {
+    async fn join(mut self) -> NodeResult<T> {
+        (&mut self.0)
+            .await
+            .map_err(|_| NodeError::Conflict("the token task failed".into()))
+    }
+}
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

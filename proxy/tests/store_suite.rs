@@ -306,6 +306,7 @@ suite!(
     reads_proceed_while_a_write_waits,
     many_concurrent_reads,
     freeze_root_matches_its_rows_when_a_delete_races,
+    one_batch_mixes_every_outcome,
 );
 
 // ---------------------------------------------------------------------------
@@ -836,6 +837,107 @@ async fn tokens_update_all_rows_of_a_record_once(h: Arc<Harness>) {
         s.apply_tokens(&[ghost]).await.unwrap(),
         vec![GroupOutcome::NotFound]
     );
+}
+
+/// One `apply_tokens` call whose groups end every way at once (PostgreSQL
+/// writes a batch of distinct records with set-based statements): applied,
+/// already applied, refused (half of a two-row record), not found, and not
+/// frozen, each as it would alone; a record named twice in one call is
+/// updated once and then acknowledged.
+async fn one_batch_mixes_every_outcome(h: Arc<Harness>) {
+    let s = h.store();
+    let mut w = World::new(&["cardiology@hospital-a", "doctor@hospital-a"], 9);
+    let two_rows = "(cardiology@hospital-a AND doctor@hospital-a) OR cardiology@hospital-a";
+    let mut records = Vec::new();
+    for (i, policy) in [
+        "cardiology@hospital-a",
+        "cardiology@hospital-a",
+        two_rows,
+        two_rows,
+    ]
+    .iter()
+    .enumerate()
+    {
+        let (header, ct) = w.encrypt(policy, format!("record {i}").as_bytes());
+        records.push((put(&*s, &header, &ct, 16).await, header));
+    }
+    s.freeze("cardiology@hospital-a", 1, "hospital-a", NOW)
+        .await
+        .unwrap();
+    let us = w.rotate("cardiology@hospital-a");
+    let rows = rows_of(
+        &s.snapshot_page("cardiology@hospital-a", 1, None, 100)
+            .await
+            .unwrap(),
+    );
+    assert_eq!(rows.len(), 6);
+    let (_, tokens) = w.tokens(&us, &rows);
+    let of = |rid: &RecordId| -> Vec<UpdateToken> {
+        tokens
+            .iter()
+            .filter(|t| t.record().as_bytes() == rid)
+            .cloned()
+            .collect()
+    };
+    let (r0, r1, r2, r3) = (&records[0].0, &records[1].0, &records[2].0, &records[3].0);
+    assert_eq!(
+        s.apply_tokens(&[group(&of(r0))]).await.unwrap(),
+        vec![GroupOutcome::Applied]
+    );
+    let mut ghost = group(&of(r1));
+    ghost.record_id = [0xee; 16];
+    let mut unfrozen = group(&of(r1));
+    unfrozen.from_version = 7;
+    let out = s
+        .apply_tokens(&[
+            group(&of(r0)),
+            group(&of(r1)),
+            group(&of(r2)[..1]),
+            ghost,
+            unfrozen,
+        ])
+        .await
+        .unwrap();
+    assert_eq!(out[0], GroupOutcome::AlreadyApplied);
+    assert_eq!(out[1], GroupOutcome::Applied);
+    assert!(matches!(&out[2], GroupOutcome::Refused(_)), "{out:?}");
+    assert_eq!(out[3], GroupOutcome::NotFound);
+    assert!(
+        matches!(&out[4], GroupOutcome::Refused(r) if r.contains("not frozen")),
+        "{out:?}"
+    );
+    assert_eq!(
+        s.record(r2).await.unwrap().unwrap().header,
+        records[2].1.to_bytes(),
+        "the refused record is unchanged"
+    );
+    // The same record twice in one call: updated by the first group only.
+    let out = s
+        .apply_tokens(&[group(&of(r3)), group(&of(r3)), group(&of(r2))])
+        .await
+        .unwrap();
+    assert_eq!(
+        out,
+        vec![
+            GroupOutcome::Applied,
+            GroupOutcome::AlreadyApplied,
+            GroupOutcome::Applied
+        ]
+    );
+    assert_eq!(
+        s.pending_count("cardiology@hospital-a", 1).await.unwrap(),
+        0
+    );
+    // Every updated record decrypts for a holder of the new keys.
+    let dr = w.person("dr-stays", &["cardiology@hospital-a", "doctor@hospital-a"]);
+    for (i, (rid, _)) in records.iter().enumerate() {
+        let stored = Header::from_bytes(&s.record(rid).await.unwrap().unwrap().header).unwrap();
+        let ct = read_payload(&*s, rid).await;
+        assert_eq!(
+            w.decrypt(&stored, &dr, &ct).unwrap(),
+            format!("record {i}").as_bytes()
+        );
+    }
 }
 
 async fn tokens_outside_the_snapshot_are_refused(h: Arc<Harness>) {

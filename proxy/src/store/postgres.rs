@@ -362,6 +362,162 @@ async fn apply_group<C: GenericClient>(c: &C, g: &TokenGroup, now: i64) -> Resul
     }
 }
 
+/// A group to plan: its stored header (`None`: no such record, or its
+/// version is not frozen) and the record's snapshot rows.
+type PlanInput = (TokenGroup, Option<Vec<u8>>, BTreeMap<u32, C2Bytes>);
+
+/// Apply token groups for distinct records with a fixed number of
+/// statements whatever their count (the per-group path costs about seven
+/// round trips per record): the freezes, the records (locked, in id order)
+/// and their snapshot rows are read in one query each, every header is
+/// planned in one CPU section, and the new headers and row versions are
+/// written with one statement each. Same outcomes as [`apply_group`].
+async fn apply_batch<C: GenericClient>(
+    c: &C,
+    groups: &[TokenGroup],
+    now: i64,
+) -> Result<Vec<GroupOutcome>> {
+    let mut frozen: BTreeMap<(String, u32), bool> = BTreeMap::new();
+    for g in groups {
+        let key = (g.attribute.clone(), g.from_version);
+        if let std::collections::btree_map::Entry::Vacant(slot) = frozen.entry(key) {
+            slot.insert(
+                load_freeze(c, &g.attribute, g.from_version)
+                    .await?
+                    .is_some(),
+            );
+        }
+    }
+    let live: Vec<&TokenGroup> = groups
+        .iter()
+        .filter(|g| frozen.get(&(g.attribute.clone(), g.from_version)) == Some(&true))
+        .collect();
+    let ids: Vec<Vec<u8>> = live.iter().map(|g| g.record_id.to_vec()).collect();
+    let mut headers: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
+    for r in c
+        .query(
+            "SELECT record_id, header FROM records WHERE record_id = ANY($1)
+             ORDER BY record_id FOR UPDATE",
+            &[&ids],
+        )
+        .await
+        .map_err(pg_err)?
+    {
+        headers.insert(get(&r, 0)?, get(&r, 1)?);
+    }
+    let mut snapshots: BTreeMap<Vec<u8>, BTreeMap<u32, C2Bytes>> = BTreeMap::new();
+    for ((attribute, version), is) in &frozen {
+        if !is {
+            continue;
+        }
+        let of_key: Vec<Vec<u8>> = live
+            .iter()
+            .filter(|g| &g.attribute == attribute && g.from_version == *version)
+            .map(|g| g.record_id.to_vec())
+            .collect();
+        for r in c
+            .query(
+                "SELECT record_id, row_index, c2 FROM snapshot_rows
+                 WHERE attribute = $1 AND version = $2 AND record_id = ANY($3)",
+                &[attribute, &i64::from(*version), &of_key],
+            )
+            .await
+            .map_err(pg_err)?
+        {
+            snapshots.entry(get(&r, 0)?).or_default().insert(
+                small(get(&r, 1)?, "row index")?,
+                fixed(get::<&[u8]>(&r, 2)?, "C2")?,
+            );
+        }
+    }
+    // Plan every group in one CPU section (pure computation; the record
+    // locks are held, which cannot deadlock: see `crate::cpu`).
+    let work: Vec<PlanInput> = groups
+        .iter()
+        .map(|g| {
+            let id = g.record_id.to_vec();
+            let header = if frozen.get(&(g.attribute.clone(), g.from_version)) == Some(&true) {
+                headers.remove(&id)
+            } else {
+                None
+            };
+            let snapshot = snapshots.remove(&id).unwrap_or_default();
+            (g.clone(), header, snapshot)
+        })
+        .collect();
+    let planned = crate::cpu::run(move || {
+        work.into_iter()
+            .map(|(g, header, snapshot)| {
+                let plan = match &header {
+                    Some(h) => Some(plan_update(h, &snapshot, &g)?),
+                    None => None,
+                };
+                Ok((g, plan))
+            })
+            .collect::<Result<Vec<_>>>()
+    })
+    .await??;
+    let mut outcomes = Vec::with_capacity(planned.len());
+    let (mut upd_ids, mut upd_headers) = (Vec::new(), Vec::new());
+    let (mut row_ids, mut row_idx, mut row_versions) = (Vec::new(), Vec::new(), Vec::new());
+    for (g, plan) in planned {
+        let outcome = match plan {
+            None if frozen.get(&(g.attribute.clone(), g.from_version)) != Some(&true) => {
+                GroupOutcome::Refused(format!(
+                    "{} version {} is not frozen on this proxy",
+                    g.attribute, g.from_version
+                ))
+            }
+            None => GroupOutcome::NotFound,
+            Some(UpdatePlan::AlreadyApplied) => GroupOutcome::AlreadyApplied,
+            Some(UpdatePlan::Refused(why)) => GroupOutcome::Refused(why),
+            Some(UpdatePlan::Apply { header, rows }) => {
+                let id = g.record_id.to_vec();
+                for (row, version) in rows {
+                    row_ids.push(id.clone());
+                    row_idx.push(i64::from(row));
+                    row_versions.push(i64::from(version));
+                }
+                upd_ids.push(id);
+                upd_headers.push(header);
+                GroupOutcome::Applied
+            }
+        };
+        outcomes.push(outcome);
+    }
+    if !upd_ids.is_empty() {
+        let updated = c
+            .execute(
+                "UPDATE records AS r SET header = u.header, updated_at = $3
+                 FROM unnest($1::BYTEA[], $2::BYTEA[]) AS u(record_id, header)
+                 WHERE r.record_id = u.record_id",
+                &[&upd_ids, &upd_headers, &now],
+            )
+            .await
+            .map_err(pg_err)?;
+        let moved = c
+            .execute(
+                "UPDATE record_rows AS r SET version = u.version
+                 FROM unnest($1::BYTEA[], $2::BIGINT[], $3::BIGINT[])
+                      AS u(record_id, row_index, version)
+                 WHERE r.record_id = u.record_id AND r.row_index = u.row_index",
+                &[&row_ids, &row_idx, &row_versions],
+            )
+            .await
+            .map_err(pg_err)?;
+        if usize::try_from(updated).ok() != Some(upd_ids.len())
+            || usize::try_from(moved).ok() != Some(row_ids.len())
+        {
+            return Err(ProxyError::Backend(format!(
+                "updated {updated} of {} headers and {moved} of {} rows",
+                upd_ids.len(),
+                row_ids.len()
+            )));
+        }
+    }
+    Ok(outcomes)
+}
+
 #[async_trait]
 impl Store for PgStore {
     fn backend(&self) -> &'static str {
@@ -916,28 +1072,38 @@ impl Store for PgStore {
         let mut client = self.client().await?;
         let mut tx = client.transaction().await.map_err(pg_err)?;
         lock_attributes(&tx, groups.iter().map(|g| g.attribute.as_str()), false).await?;
-        // Lock records in ascending id order: two batches cannot deadlock.
-        let mut order: Vec<usize> = (0..groups.len()).collect();
-        order.sort_by(|&a, &b| {
-            groups
-                .get(a)
-                .map(|g| g.record_id)
-                .cmp(&groups.get(b).map(|g| g.record_id))
-        });
-        let mut outcomes: Vec<Option<GroupOutcome>> = vec![None; groups.len()];
-        for i in order {
-            let Some(g) = groups.get(i) else { continue };
-            let sp = tx.savepoint("mabe_group").await.map_err(pg_err)?;
-            let outcome = apply_group(&sp, g, now).await?;
-            sp.commit().await.map_err(pg_err)?;
-            if let Some(slot) = outcomes.get_mut(i) {
-                *slot = Some(outcome);
+        let distinct: BTreeSet<RecordId> = groups.iter().map(|g| g.record_id).collect();
+        let outcomes = if distinct.len() == groups.len() {
+            apply_batch(&tx, groups, now).await?
+        } else {
+            // A record named by two groups (two attributes rotated at once):
+            // the groups must see each other's updates, so one at a time.
+            // Lock records in ascending id order: two batches cannot deadlock.
+            let mut order: Vec<usize> = (0..groups.len()).collect();
+            order.sort_by(|&a, &b| {
+                groups
+                    .get(a)
+                    .map(|g| g.record_id)
+                    .cmp(&groups.get(b).map(|g| g.record_id))
+            });
+            let mut outcomes: Vec<Option<GroupOutcome>> = vec![None; groups.len()];
+            for i in order {
+                let Some(g) = groups.get(i) else { continue };
+                let sp = tx.savepoint("mabe_group").await.map_err(pg_err)?;
+                let outcome = apply_group(&sp, g, now).await?;
+                sp.commit().await.map_err(pg_err)?;
+                if let Some(slot) = outcomes.get_mut(i) {
+                    *slot = Some(outcome);
+                }
             }
-        }
+            outcomes
+                .into_iter()
+                .map(|o| {
+                    o.ok_or_else(|| ProxyError::Backend("a token group was not processed".into()))
+                })
+                .collect::<Result<Vec<_>>>()?
+        };
         tx.commit().await.map_err(pg_err)?;
-        outcomes
-            .into_iter()
-            .map(|o| o.ok_or_else(|| ProxyError::Backend("a token group was not processed".into())))
-            .collect()
+        Ok(outcomes)
     }
 }
