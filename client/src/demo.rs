@@ -992,7 +992,7 @@ pub async fn run(keep: Option<PathBuf>) -> Result<()> {
             "    hospital-c issues {} v{} at once, expiring at {} (pairing check passed, stored)",
             k.key.attribute(),
             k.key.version(),
-            k.expires_at
+            mabe_client::utc_text(k.expires_at)
         );
     }
     ensure!(

@@ -76,6 +76,34 @@ pub fn unix_now() -> i64 {
         .unwrap_or(0)
 }
 
+/// Unix seconds as UTC text, `YYYY-MM-DD HH:MM:SS UTC` (proleptic Gregorian
+/// calendar; negative times are before 1970).
+///
+/// ```
+/// assert_eq!(mabe_client::utc_text(0), "1970-01-01 00:00:00 UTC");
+/// assert_eq!(mabe_client::utc_text(1_796_083_200), "2026-12-01 00:00:00 UTC");
+/// ```
+pub fn utc_text(secs: i64) -> String {
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Days since 1970-01-01 to a civil date (H. Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
 /// A bounds-checked reader over a byte slice.
 pub(crate) struct Cursor<'a> {
     b: &'a [u8],
@@ -146,4 +174,27 @@ impl<'a> Cursor<'a> {
 pub(crate) fn put_lp(out: &mut Vec<u8>, b: &[u8]) {
     out.extend_from_slice(&u32::try_from(b.len()).unwrap_or(u32::MAX).to_be_bytes());
     out.extend_from_slice(b);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::utc_text;
+
+    #[test]
+    fn utc_text_matches_known_dates() {
+        // Expected values from Python's datetime (UTC).
+        for (t, want) in [
+            (0, "1970-01-01 00:00:00 UTC"),
+            (-1, "1969-12-31 23:59:59 UTC"),
+            (951_782_400, "2000-02-29 00:00:00 UTC"),
+            (1_796_083_200, "2026-12-01 00:00:00 UTC"),
+            (4_107_542_399, "2100-02-28 23:59:59 UTC"),
+            (-62_135_596_800, "0001-01-01 00:00:00 UTC"),
+        ] {
+            assert_eq!(utc_text(t), want, "{t}");
+        }
+        // No panic at the extremes.
+        assert!(!utc_text(i64::MAX).is_empty());
+        assert!(!utc_text(i64::MIN).is_empty());
+    }
 }

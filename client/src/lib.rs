@@ -92,7 +92,7 @@ pub mod trust;
 
 pub use client::{Client, Fetched, OpenedRecord, PolicyReport};
 pub use error::{ClientError, Result};
-pub use files::unix_now;
+pub use files::{unix_now, utc_text};
 pub use keystore::{Identity, IdentityInfo, KeyStore, StoredKeys};
 pub use net::Connection;
 pub use trust::{ProxyEndpoint, TrustStore, TrustedAuthority};

@@ -761,8 +761,8 @@ async fn run(cli: Cli) -> Result<()> {
             for k in keys.iter() {
                 let exp = match k.expires_at {
                     0 => String::new(),
-                    t if t < now => format!(" (grant expired at {t})"),
-                    t => format!(" (grant expires at {t})"),
+                    t if t < now => format!(" (grant expired at {})", mabe_client::utc_text(t)),
+                    t => format!(" (grant expires at {})", mabe_client::utc_text(t)),
                 };
                 println!("{} version {}{exp}", k.key.attribute(), k.key.version());
             }
