@@ -168,32 +168,8 @@ where
     ) -> Pin<Box<dyn Future<Output = Answer> + Send + 'a>> {
         let PgWriteJob { f, reply } = *self;
         Box::pin(async move {
-            let result = match tx.batch_execute("SAVEPOINT mabe_write").await {
-                Err(e) => Err(pg_err(e)),
-                Ok(()) => {
-                    match f(tx).await {
-                        Ok(v) => tx
-                            .batch_execute("RELEASE SAVEPOINT mabe_write")
-                            .await
-                            .map(|()| v)
-                            .map_err(pg_err),
-                        Err(e) => {
-                            let _ = tx
-                            .batch_execute("ROLLBACK TO SAVEPOINT mabe_write; RELEASE SAVEPOINT mabe_write")
-                            .await;
-                            Err(e)
-                        }
-                    }
-                }
-            };
-            let answer: Answer = Box::new(move |commit_error: Option<&str>| {
-                let out = match commit_error {
-                    None => result,
-                    Some(e) => Err(StoreError::Backend(format!("commit failed: {e}"))),
-                };
-                let _ = reply.send(out);
-            });
-            answer
+            let result = in_savepoint(tx, "mabe_write", f(tx)).await;
+            answer_once_committed(reply, result)
         })
     }
 
@@ -315,6 +291,49 @@ impl PgStore {
     }
 }
 
+/// Run `body` (a future over `tx`, not started yet) inside savepoint
+/// `name`: released if it succeeds, rolled back if it fails, so that the
+/// rest of the group's transaction is unaffected.
+async fn in_savepoint<T>(
+    tx: &Transaction<'_>,
+    name: &str,
+    body: impl Future<Output = StoreResult<T>>,
+) -> StoreResult<T> {
+    tx.batch_execute(&format!("SAVEPOINT {name}"))
+        .await
+        .map_err(pg_err)?;
+    match body.await {
+        Ok(v) => tx
+            .batch_execute(&format!("RELEASE SAVEPOINT {name}"))
+            .await
+            .map(|()| v)
+            .map_err(pg_err),
+        Err(e) => {
+            let _ = tx
+                .batch_execute(&format!(
+                    "ROLLBACK TO SAVEPOINT {name}; RELEASE SAVEPOINT {name}"
+                ))
+                .await;
+            Err(e)
+        }
+    }
+}
+
+/// How to answer a write's caller once its group's commit outcome is known:
+/// its own result if the group committed, the commit's error otherwise.
+fn answer_once_committed<T: Send + 'static>(
+    reply: tokio::sync::oneshot::Sender<StoreResult<T>>,
+    result: StoreResult<T>,
+) -> Answer {
+    Box::new(move |commit_error: Option<&str>| {
+        let out = match commit_error {
+            None => result,
+            Some(e) => Err(StoreError::Backend(format!("commit failed: {e}"))),
+        };
+        let _ = reply.send(out);
+    })
+}
+
 /// Commit queued writes in groups until the queue is empty.
 async fn drain_groups(pool: &Pool, database: &str, pending: &std::sync::Mutex<Vec<Queued>>) {
     loop {
@@ -378,39 +397,11 @@ async fn drain_groups(pool: &Pool, database: &str, pending: &std::sync::Mutex<Ve
 /// run again alone ([`decide_one`], its own savepoint), so one bad decision
 /// cannot take the others down with it.
 async fn decide_run(tx: &Transaction<'_>, jobs: Vec<DecideJob>) -> Vec<Answer> {
-    let answer = |reply: tokio::sync::oneshot::Sender<DecideOutcome>, out: DecideOutcome| {
-        let a: Answer = Box::new(move |commit_error: Option<&str>| {
-            let out = match commit_error {
-                None => out,
-                Some(e) => Err(StoreError::Backend(format!("commit failed: {e}"))),
-            };
-            let _ = reply.send(out);
-        });
-        a
-    };
-    let batched = match tx.batch_execute("SAVEPOINT mabe_decide").await {
-        Err(e) => Err(pg_err(e)),
-        Ok(()) => match decide_batch(tx, &jobs).await {
-            Ok(outcomes) => tx
-                .batch_execute("RELEASE SAVEPOINT mabe_decide")
-                .await
-                .map(|()| outcomes)
-                .map_err(pg_err),
-            Err(e) => {
-                let _ = tx
-                    .batch_execute(
-                        "ROLLBACK TO SAVEPOINT mabe_decide; RELEASE SAVEPOINT mabe_decide",
-                    )
-                    .await;
-                Err(e)
-            }
-        },
-    };
-    match batched {
+    match in_savepoint(tx, "mabe_decide", decide_batch(tx, &jobs)).await {
         Ok(outcomes) => jobs
             .into_iter()
             .zip(outcomes)
-            .map(|(j, out)| answer(j.reply, out))
+            .map(|(j, out)| answer_once_committed(j.reply, out))
             .collect(),
         Err(e) => {
             tracing::warn!(
