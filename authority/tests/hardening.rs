@@ -1,8 +1,8 @@
 //! Hardening of the authority node, over real gRPC with TLS on loopback and
 //! against both backends: audit scans that meet a tampered `seq = i64::MAX`,
 //! truncation of the newest audit entries, size limits on what callers can
-//! write into the audit log, paged listings, `DescribeAttribute`, and the
-//! health status during shutdown.
+//! write into the audit log, paged listings, `DescribeAttribute`, the
+//! health status during shutdown, and thousands of calls on one connection.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::{future::Future, path::PathBuf, sync::Arc, time::Duration};
@@ -614,4 +614,39 @@ async fn health_turns_not_serving_when_shutdown_starts() {
         .await
         .expect("the server drains")
         .unwrap();
+}
+
+/// Thousands of calls at once on ONE connection all succeed. Each empty
+/// request is a DATA frame of 5 bytes; h2 0.4.20 charges unread small frames
+/// against a per-connection budget and closes the connection (GOAWAY
+/// `ENHANCE_YOUR_CALM`) when it runs out, failing every call on it. The
+/// server bounds the streams a connection may open
+/// (`MAX_STREAMS_PER_CONNECTION`), so the client queues the rest instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousands_of_calls_on_one_connection_all_succeed() {
+    let db = Db::sqlite().await;
+    let r = start(db.store().await).await;
+    let calls = 6_000;
+    let start = Arc::new(tokio::sync::Barrier::new(calls));
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..calls {
+        let mut public = r.public.clone();
+        let start = Arc::clone(&start);
+        tasks.spawn(async move {
+            start.wait().await;
+            public
+                .get_info(mabe_proto::v1::GetInfoRequest {})
+                .await
+                .map(|info| info.into_inner().authority_id)
+        });
+    }
+    let mut failures = std::collections::BTreeMap::<String, usize>::new();
+    while let Some(t) = tasks.join_next().await {
+        match t.unwrap() {
+            Ok(id) => assert_eq!(id, "hospital-a"),
+            Err(e) => *failures.entry(e.to_string()).or_default() += 1,
+        }
+    }
+    assert!(failures.is_empty(), "failed calls: {failures:?}");
+    r.stop().await;
 }

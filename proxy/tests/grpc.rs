@@ -140,6 +140,47 @@ async fn get_answers_every_payload_size_postgres() {
     drop_db.await;
 }
 
+/// Thousands of reads at once on ONE connection all succeed. Each request is
+/// a DATA frame of 23 bytes; h2 0.4.20 charges unread small frames against a
+/// per-connection budget and closes the connection (GOAWAY
+/// `ENHANCE_YOUR_CALM`, "too_many_data_frames") when it runs out, failing
+/// every call on it. The server bounds the streams a connection may open
+/// (`MAX_STREAMS_PER_CONNECTION`), so the client queues the rest instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousands_of_reads_on_one_connection_all_succeed() {
+    let (_d, store) = sqlite();
+    let served = Served::start(store).await;
+    let mut c = served.records().await;
+    let mut w = World::new(&["doctor@hospital-a"], 23);
+    let (header, _) = w.encrypt("doctor@hospital-a", b"x");
+    let payload = vec![5u8; 64];
+    let rid = c
+        .put(&header.to_bytes(), std::io::Cursor::new(payload.clone()))
+        .await
+        .unwrap();
+    // One client, one channel: one HTTP/2 connection.
+    let calls = 6_000;
+    let start = Arc::new(tokio::sync::Barrier::new(calls));
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..calls {
+        let mut c = c.clone();
+        let start = Arc::clone(&start);
+        tasks.spawn(async move {
+            start.wait().await;
+            c.get(&rid, Vec::new()).await
+        });
+    }
+    let mut failures = std::collections::BTreeMap::<String, usize>::new();
+    while let Some(r) = tasks.join_next().await {
+        match r.unwrap() {
+            Ok((h, got)) => assert!(h == header.to_bytes() && got == payload),
+            Err(e) => *failures.entry(e.to_string()).or_default() += 1,
+        }
+    }
+    assert!(failures.is_empty(), "failed calls: {failures:?}");
+    served.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn list_pages_and_delete() {
     let (_d, store) = sqlite();
