@@ -75,6 +75,22 @@ pub fn raise_nofile_limit() -> Result<(u64, u64)> {
     rlimit::getrlimit(rlimit::Resource::NOFILE).context("reading RLIMIT_NOFILE")
 }
 
+/// Send this process's own `tracing` output (h2, hyper, tonic) to stderr,
+/// filtered by `filter` (`RUST_LOG` syntax, e.g. `h2=debug`).
+///
+/// ```
+/// mabe_benches::load::client_log("warn").unwrap();
+/// ```
+pub fn client_log(filter: &str) -> Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .with_context(|| format!("log filter {filter:?}"))?;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init()
+        .map_err(|e| anyhow!("installing the log subscriber: {e}"))
+}
+
 /// Raise the open-file limit and check it covers `connections` TLS
 /// connections (one socket on each side) with a margin.
 pub fn ensure_nofile_for(connections: usize) -> Result<()> {

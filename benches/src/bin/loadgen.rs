@@ -124,11 +124,21 @@ struct Args {
     /// printed if the run fails.
     #[arg(long, default_value = "warn")]
     server_log: String,
+    /// This tool's own log filter (e.g. `h2=debug`), to stderr; off by
+    /// default. It shows why the client side of a connection closed.
+    #[arg(long)]
+    client_log: Option<String>,
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(filter) = &args.client_log {
+        if let Err(e) = mabe_benches::load::client_log(filter) {
+            eprintln!("mabe-loadgen: error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    }
     match run(&args).await {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
