@@ -305,6 +305,7 @@ suite!(
     read_record_returns_the_first_chunk_with_the_record,
     reads_proceed_while_a_write_waits,
     many_concurrent_reads,
+    concurrent_reads_answer_each_caller_its_own_record,
     freeze_root_matches_its_rows_when_a_delete_races,
     one_batch_mixes_every_outcome,
 );
@@ -1198,6 +1199,75 @@ async fn many_concurrent_reads(h: Arc<Harness>) {
     }
     for t in tasks {
         t.await.unwrap();
+    }
+}
+
+/// Reads at once of many records, each asked for several times, of ids that
+/// do not exist, and of one record whose chunk 0 was deleted behind the
+/// store's back: every caller gets its own answer (PostgreSQL gathers these
+/// reads into shared statements; one bad record must not fail the others).
+async fn concurrent_reads_answer_each_caller_its_own_record(h: Arc<Harness>) {
+    let s = h.store();
+    let mut w = World::new(&["doctor@hospital-a"], 15);
+    let mut stored = Vec::new();
+    for i in 0..40usize {
+        let (header, ct) = w.encrypt("doctor@hospital-a", &vec![i as u8; i * 37]);
+        let rid = put(&*s, &header, &ct, 500).await;
+        let first = ct.chunks(500).next().map(<[u8]>::to_vec);
+        stored.push((rid, header.to_bytes(), first));
+    }
+    // The last record stored loses its chunk 0.
+    h.exec(
+        "DELETE FROM chunks WHERE seq = 0
+         AND blob_id = (SELECT MAX(blob_id) FROM records)",
+    )
+    .await;
+    let broken = stored.last().unwrap().0;
+    let stored = Arc::new(stored);
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..1200usize {
+        let (s, stored) = (s.clone(), stored.clone());
+        tasks.spawn(async move {
+            if i % 7 == 0 {
+                let missing = [
+                    0xEE,
+                    (i >> 8) as u8,
+                    i as u8,
+                    1,
+                    2,
+                    3,
+                    4,
+                    5,
+                    6,
+                    7,
+                    8,
+                    9,
+                    10,
+                    11,
+                    12,
+                    13,
+                ];
+                assert!(s.read_record(&missing).await.unwrap().is_none());
+                return;
+            }
+            let (rid, header, first) = &stored[i % stored.len()];
+            match s.read_record(rid).await {
+                Ok(Some(read)) => {
+                    assert_ne!(*rid, broken, "the broken record was answered");
+                    assert_eq!(read.record.record_id, *rid);
+                    assert_eq!(&read.record.header, header);
+                    assert_eq!(&read.first_chunk, first);
+                }
+                Err(ProxyError::Corrupt(m)) => {
+                    assert_eq!(*rid, broken, "{m}");
+                    assert!(m.contains("no chunk 0"), "{m}");
+                }
+                other => panic!("record {i}: {other:?}"),
+            }
+        });
+    }
+    while let Some(t) = tasks.join_next().await {
+        t.unwrap();
     }
 }
 

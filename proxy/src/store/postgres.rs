@@ -18,16 +18,23 @@
 //! freeze's advisory lock is granted, and miss uploads committed while it
 //! waited.)
 //!
-//! Reads (`read_record`, `chunk`, `record`) use cached prepared statements:
-//! one round trip each.
+//! Reads (`chunk`, `record`) use cached prepared statements: one round trip
+//! each. `read_record`, the hot path of `GetRecord`, is gathered: calls
+//! queue their record ids, and each of [`READ_WORKERS`] tasks takes every
+//! id waiting (up to [`MAX_READ_BATCH`]) and reads them with one statement
+//! (`record_id = ANY($1)`). An idle store answers a lone read at once, with
+//! no added wait; under a burst, one statement answers many readers, which
+//! saves PostgreSQL and the proxy a round trip's work per read.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use deadpool_postgres::GenericClient;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{FromSql, ToSql};
 use tokio_postgres::{Client, NoTls, Row};
@@ -45,6 +52,16 @@ const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("../../migrations/postgres
 /// Largest number of pooled connections.
 pub const MAX_CONNECTIONS: usize = 16;
 
+/// Tasks that answer `read_record` calls (each uses one pooled connection
+/// while it reads).
+pub const READ_WORKERS: usize = 4;
+
+/// Most record ids one gathered read asks for.
+pub const MAX_READ_BATCH: usize = 128;
+
+/// `read_record` calls waiting for a worker; callers beyond it wait to queue.
+const READ_QUEUE: usize = 4096;
+
 /// Advisory lock key held while migrating (spells `mabepxmg`).
 pub const MIGRATION_LOCK_KEY: i64 = 0x6d61_6265_7078_6d67;
 
@@ -53,7 +70,11 @@ pub const MIGRATION_LOCK_KEY: i64 = 0x6d61_6265_7078_6d67;
 pub struct PgStore {
     pool: Pool,
     database: String,
+    reads: mpsc::Sender<ReadAsk>,
 }
+
+/// One queued `read_record`: the id and where its answer goes.
+type ReadAsk = (RecordId, oneshot::Sender<Result<Option<RecordRead>>>);
 
 impl fmt::Debug for PgStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -86,20 +107,134 @@ impl PgStore {
             .max_size(MAX_CONNECTIONS)
             .build()
             .map_err(|e| ProxyError::Backend(format!("cannot build the connection pool: {e}")))?;
-        let store = PgStore { pool, database };
-        let mut client = store.client().await?;
+        let mut client = pooled(&pool, &database).await?;
         migrate(&mut client).await?;
-        Ok(store)
+        drop(client);
+        let (reads, queue) = mpsc::channel(READ_QUEUE);
+        let queue = Arc::new(tokio::sync::Mutex::new(queue));
+        for _ in 0..READ_WORKERS {
+            tokio::spawn(read_worker(
+                pool.clone(),
+                database.clone(),
+                Arc::clone(&queue),
+            ));
+        }
+        Ok(PgStore {
+            pool,
+            database,
+            reads,
+        })
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Object> {
-        self.pool.get().await.map_err(|e| {
-            ProxyError::Backend(format!(
-                "cannot get a connection to database {}: {e}",
-                self.database
-            ))
-        })
+        pooled(&self.pool, &self.database).await
     }
+}
+
+/// A connection from `pool` (of `database`, named in the error).
+async fn pooled(pool: &Pool, database: &str) -> Result<deadpool_postgres::Object> {
+    pool.get().await.map_err(|e| {
+        ProxyError::Backend(format!(
+            "cannot get a connection to database {database}: {e}"
+        ))
+    })
+}
+
+/// Answers queued `read_record` calls until every [`PgStore`] clone is gone.
+async fn read_worker(
+    pool: Pool,
+    database: String,
+    queue: Arc<tokio::sync::Mutex<mpsc::Receiver<ReadAsk>>>,
+) {
+    let mut batch = Vec::with_capacity(MAX_READ_BATCH);
+    loop {
+        {
+            let mut q = queue.lock().await;
+            if q.recv_many(&mut batch, MAX_READ_BATCH).await == 0 {
+                return;
+            }
+        }
+        // A caller that gave up (deadline passed) no longer needs its read.
+        batch.retain(|(_, reply)| !reply.is_closed());
+        if !batch.is_empty() {
+            read_batch(&pool, &database, &mut batch).await;
+        }
+        batch.clear();
+    }
+}
+
+/// Read the records `batch` asks for with one statement and answer each
+/// caller; an id asked for twice gets the same record twice.
+async fn read_batch(pool: &Pool, database: &str, batch: &mut Vec<ReadAsk>) {
+    let rows = async {
+        let client = pooled(pool, database).await?;
+        // One snapshot for the record and its first chunk.
+        let stmt = client
+            .prepare_cached(
+                "SELECT r.record_id, r.header, r.blob_id, r.chunk_count, r.payload_size,
+                        r.payload_sha256, r.created_at, c.data
+                 FROM records r LEFT JOIN chunks c ON c.blob_id = r.blob_id AND c.seq = 0
+                 WHERE r.record_id = ANY($1)",
+            )
+            .await
+            .map_err(pg_err)?;
+        let ids: Vec<&[u8]> = batch.iter().map(|(id, _)| id.as_slice()).collect();
+        client.query(&stmt, &[&ids]).await.map_err(pg_err)
+    }
+    .await;
+    let rows = match rows {
+        Ok(rows) => rows,
+        Err(e) => {
+            // Every caller gets the statement's error.
+            let text = e.to_string();
+            for (_, reply) in batch.drain(..) {
+                let _ = reply.send(Err(same_kind(&e, text.clone())));
+            }
+            return;
+        }
+    };
+    let mut found: BTreeMap<Vec<u8>, Row> = BTreeMap::new();
+    for row in rows {
+        match get::<&[u8]>(&row, 0) {
+            Ok(id) => {
+                found.insert(id.to_vec(), row);
+            }
+            // An id that cannot be read cannot be one that was asked for.
+            Err(_) => continue,
+        }
+    }
+    for (id, reply) in batch.drain(..) {
+        let answer = match found.get(id.as_slice()) {
+            None => Ok(None),
+            Some(row) => record_read(row).map(Some),
+        };
+        let _ = reply.send(answer);
+    }
+}
+
+/// The same kind of error as `e`, for another caller of the same statement.
+fn same_kind(e: &ProxyError, text: String) -> ProxyError {
+    match e {
+        ProxyError::Corrupt(_) => ProxyError::Corrupt(text),
+        _ => ProxyError::Backend(text),
+    }
+}
+
+/// A record and its first chunk from a row of the gathered read.
+fn record_read(row: &Row) -> Result<RecordRead> {
+    let record = stored_record(row)?;
+    let first_chunk: Option<Vec<u8>> = get(row, 7)?;
+    if record.chunks > 0 && first_chunk.is_none() {
+        return Err(ProxyError::Corrupt(format!(
+            "record {} has {} payload chunks but no chunk 0",
+            hex::encode(record.record_id),
+            record.chunks
+        )));
+    }
+    Ok(RecordRead {
+        record,
+        first_chunk,
+    })
 }
 
 async fn migrate(client: &mut Client) -> Result<()> {
@@ -805,37 +940,13 @@ impl Store for PgStore {
     }
 
     async fn read_record(&self, record_id: &RecordId) -> Result<Option<RecordRead>> {
-        let client = self.client().await?;
-        // One statement: the record and its first chunk from one snapshot.
-        let stmt = client
-            .prepare_cached(
-                "SELECT r.record_id, r.header, r.blob_id, r.chunk_count, r.payload_size,
-                        r.payload_sha256, r.created_at, c.data
-                 FROM records r LEFT JOIN chunks c ON c.blob_id = r.blob_id AND c.seq = 0
-                 WHERE r.record_id = $1",
-            )
+        let stopped = || ProxyError::Internal("the store's read workers have stopped".into());
+        let (reply, answer) = oneshot::channel();
+        self.reads
+            .send((*record_id, reply))
             .await
-            .map_err(pg_err)?;
-        let Some(row) = client
-            .query_opt(&stmt, &[&record_id.as_slice()])
-            .await
-            .map_err(pg_err)?
-        else {
-            return Ok(None);
-        };
-        let record = stored_record(&row)?;
-        let first_chunk: Option<Vec<u8>> = get(&row, 7)?;
-        if record.chunks > 0 && first_chunk.is_none() {
-            return Err(ProxyError::Corrupt(format!(
-                "record {} has {} payload chunks but no chunk 0",
-                hex::encode(record.record_id),
-                record.chunks
-            )));
-        }
-        Ok(Some(RecordRead {
-            record,
-            first_chunk,
-        }))
+            .map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
     }
 
     async fn chunk(&self, blob_id: i64, seq: i64) -> Result<Option<Vec<u8>>> {
