@@ -1,6 +1,10 @@
 //! Attribute key pairs, user keys and key rings (DESIGN §2).
 
-use std::{collections::BTreeMap, fmt, sync::Arc};
+use std::{
+    collections::BTreeMap,
+    fmt,
+    sync::{Arc, OnceLock},
+};
 
 use ark_bls12_381::{Bls12_381, Fr, G1Affine, G1Projective, G2Affine, G2Projective};
 use ark_ec::{AffineRepr, CurveGroup, PrimeGroup, pairing::Pairing};
@@ -391,7 +395,9 @@ impl PublicKeyRing {
 }
 
 /// `H(GID) ∈ G2` (RFC 9380 hash-to-curve), computed once per person and kept
-/// with its Miller-loop preparation.
+/// with its Miller-loop preparation, made on first use: decryption and key
+/// verification need it, an authority issuing keys does not (preparing the
+/// point costs about as much as the blinded multiplication of `keygen`).
 ///
 /// ```
 /// use mabe_abe::{Gid, HashedGid};
@@ -403,7 +409,7 @@ impl PublicKeyRing {
 pub struct HashedGid {
     gid: Gid,
     point: G2Affine,
-    prepared: G2Prepared,
+    prepared: OnceLock<G2Prepared>,
 }
 
 impl fmt::Debug for HashedGid {
@@ -419,7 +425,7 @@ impl HashedGid {
         Ok(HashedGid {
             gid,
             point,
-            prepared: G2Prepared::from(point),
+            prepared: OnceLock::new(),
         })
     }
     /// The GID.
@@ -431,7 +437,7 @@ impl HashedGid {
         &self.point
     }
     pub(crate) fn prepared(&self) -> &G2Prepared {
-        &self.prepared
+        self.prepared.get_or_init(|| G2Prepared::from(self.point))
     }
 }
 
@@ -490,7 +496,7 @@ impl UserKey {
         }
         let lhs = Bls12_381::multi_pairing(
             [G1Affine::generator(), (-pk.y.into_group()).into_affine()],
-            [G2Prepared::from(self.k), gid.prepared.clone()],
+            [G2Prepared::from(self.k), gid.prepared().clone()],
         );
         if lhs != pk.e {
             return Err(fail("pairing check failed (not issued by this authority)"));
