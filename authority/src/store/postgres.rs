@@ -684,22 +684,21 @@ async fn progress_rows(
 }
 
 /// Record a nonce (forgetting old ones); `false` if it was seen before.
+/// Prune nonces older than $1. SKIP LOCKED: concurrent callers prune
+/// disjoint rows instead of waiting for (or deadlocking with) each other.
+const PRUNE_NONCES: &str = "DELETE FROM nonces WHERE (gid, nonce) IN (
+     SELECT gid, nonce FROM nonces WHERE seen_at < $1 FOR UPDATE SKIP LOCKED)";
+
+/// Record nonce ($1, $2) seen at $3; no row is inserted if it was seen.
+const INSERT_NONCE: &str = "INSERT INTO nonces (gid, nonce, seen_at) VALUES ($1, $2, $3)
+     ON CONFLICT (gid, nonce) DO NOTHING";
+
 async fn spend_nonce(tx: &Transaction<'_>, n: &NonceUse) -> StoreResult<bool> {
-    // SKIP LOCKED: concurrent callers prune disjoint rows instead of
-    // waiting for (or deadlocking with) each other.
-    tx.execute(
-        "DELETE FROM nonces WHERE (gid, nonce) IN (
-             SELECT gid, nonce FROM nonces WHERE seen_at < $1 FOR UPDATE SKIP LOCKED)",
-        &[&n.prune_before],
-    )
-    .await
-    .map_err(pg_err)?;
+    tx.execute(PRUNE_NONCES, &[&n.prune_before])
+        .await
+        .map_err(pg_err)?;
     let inserted = tx
-        .execute(
-            "INSERT INTO nonces (gid, nonce, seen_at) VALUES ($1, $2, $3)
-             ON CONFLICT (gid, nonce) DO NOTHING",
-            &[&n.space.as_slice(), &n.nonce, &n.seen_at],
-        )
+        .execute(INSERT_NONCE, &[&n.space.as_slice(), &n.nonce, &n.seen_at])
         .await
         .map_err(pg_err)?;
     Ok(inserted == 1)
@@ -1333,14 +1332,15 @@ impl Store for PgStore {
 
     async fn rotations(&self, pending_only: bool) -> StoreResult<Vec<RotationRecord>> {
         let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(&format!(
+                "SELECT {ROTATION_COLS} FROM rotations
+                 WHERE NOT $1 OR state = 'pending' ORDER BY id"
+            ))
+            .await
+            .map_err(pg_err)?;
         let rows = client
-            .query(
-                &format!(
-                    "SELECT {ROTATION_COLS} FROM rotations
-                     WHERE NOT $1 OR state = 'pending' ORDER BY id"
-                ),
-                &[&pending_only],
-            )
+            .query(&stmt, &[&pending_only])
             .await
             .map_err(pg_err)?;
         rows.iter().map(rotation_from).collect()
@@ -1399,15 +1399,13 @@ impl Store for PgStore {
 
     async fn attribute_versions(&self, attribute: &str) -> StoreResult<Vec<AttributeRecord>> {
         let client = self.client().await?;
-        let rows = client
-            .query(
-                &format!(
-                    "SELECT {ATTR_COLS} FROM attributes WHERE attribute = $1 ORDER BY version"
-                ),
-                &[&attribute],
-            )
+        let stmt = client
+            .prepare_cached(&format!(
+                "SELECT {ATTR_COLS} FROM attributes WHERE attribute = $1 ORDER BY version"
+            ))
             .await
             .map_err(pg_err)?;
+        let rows = client.query(&stmt, &[&attribute]).await.map_err(pg_err)?;
         rows.iter().map(attr_from).collect()
     }
 
@@ -1494,11 +1492,12 @@ impl Store for PgStore {
 
     async fn person(&self, gid: &[u8; 32]) -> StoreResult<Option<PersonRecord>> {
         let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(&format!("SELECT {PERSON_COLS} FROM people WHERE gid = $1"))
+            .await
+            .map_err(pg_err)?;
         let row = client
-            .query_opt(
-                &format!("SELECT {PERSON_COLS} FROM people WHERE gid = $1"),
-                &[&gid.as_slice()],
-            )
+            .query_opt(&stmt, &[&gid.as_slice()])
             .await
             .map_err(pg_err)?;
         row.as_ref().map(person_from).transpose()
@@ -1555,14 +1554,15 @@ impl Store for PgStore {
 
     async fn grants_for(&self, gid: &[u8; 32]) -> StoreResult<Vec<GrantRecord>> {
         let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(&format!(
+                "SELECT {GRANT_COLS} FROM grants WHERE gid = $1 AND revoked_at IS NULL
+                 ORDER BY attribute"
+            ))
+            .await
+            .map_err(pg_err)?;
         let rows = client
-            .query(
-                &format!(
-                    "SELECT {GRANT_COLS} FROM grants WHERE gid = $1 AND revoked_at IS NULL
-                     ORDER BY attribute"
-                ),
-                &[&gid.as_slice()],
-            )
+            .query(&stmt, &[&gid.as_slice()])
             .await
             .map_err(pg_err)?;
         rows.iter().map(grant_from).collect()
@@ -1962,17 +1962,19 @@ impl Store for PgStore {
         seen_at: i64,
         prune_before: i64,
     ) -> StoreResult<bool> {
+        // Every signed key request spends one: the statements are prepared
+        // once per pooled connection (as `spend_nonce` in a transaction).
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(pg_err)?;
-        let n = NonceUse {
-            space: *gid,
-            nonce: nonce.to_vec(),
-            seen_at,
-            prune_before,
-        };
-        let fresh = spend_nonce(&tx, &n).await?;
+        let prune = tx.prepare_cached(PRUNE_NONCES).await.map_err(pg_err)?;
+        let insert = tx.prepare_cached(INSERT_NONCE).await.map_err(pg_err)?;
+        tx.execute(&prune, &[&prune_before]).await.map_err(pg_err)?;
+        let inserted = tx
+            .execute(&insert, &[&gid.as_slice(), &nonce, &seen_at])
+            .await
+            .map_err(pg_err)?;
         tx.commit().await.map_err(pg_err)?;
-        Ok(fresh)
+        Ok(inserted == 1)
     }
 
     async fn append_audit(&self, ev: AuditEvent) -> StoreResult<AuditEntry> {
