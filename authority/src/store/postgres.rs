@@ -683,7 +683,6 @@ async fn progress_rows(
         .collect()
 }
 
-/// Record a nonce (forgetting old ones); `false` if it was seen before.
 /// Prune nonces older than $1. SKIP LOCKED: concurrent callers prune
 /// disjoint rows instead of waiting for (or deadlocking with) each other.
 const PRUNE_NONCES: &str = "DELETE FROM nonces WHERE (gid, nonce) IN (
@@ -693,6 +692,7 @@ const PRUNE_NONCES: &str = "DELETE FROM nonces WHERE (gid, nonce) IN (
 const INSERT_NONCE: &str = "INSERT INTO nonces (gid, nonce, seen_at) VALUES ($1, $2, $3)
      ON CONFLICT (gid, nonce) DO NOTHING";
 
+/// Record a nonce (forgetting old ones); `false` if it was seen before.
 async fn spend_nonce(tx: &Transaction<'_>, n: &NonceUse) -> StoreResult<bool> {
     tx.execute(PRUNE_NONCES, &[&n.prune_before])
         .await
@@ -1962,8 +1962,8 @@ impl Store for PgStore {
         seen_at: i64,
         prune_before: i64,
     ) -> StoreResult<bool> {
-        // Every signed key request spends one: the statements are prepared
-        // once per pooled connection (as `spend_nonce` in a transaction).
+        // Every signed key request spends one: the same statements as
+        // `spend_nonce`, prepared once per pooled connection.
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(pg_err)?;
         let prune = tx.prepare_cached(PRUNE_NONCES).await.map_err(pg_err)?;

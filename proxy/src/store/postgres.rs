@@ -38,6 +38,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{FromSql, ToSql};
 use tokio_postgres::{Client, NoTls, Row};
+use tokio_stream::StreamExt;
 
 use super::{
     C2Bytes, FreezeInfo, FreezeProgress, GroupOutcome, NewRecord, RecordId, RecordRead,
@@ -164,59 +165,114 @@ async fn read_worker(
 }
 
 /// Read the records `batch` asks for with one statement and answer each
-/// caller; an id asked for twice gets the same record twice.
+/// caller as its row arrives (rows are streamed, not collected: memory stays
+/// what the callers hold anyway). An id asked for twice gets the record
+/// twice. If the statement fails, callers not yet answered are read one by
+/// one, so a failure reaches only the reads it really concerns.
 async fn read_batch(pool: &Pool, database: &str, batch: &mut Vec<ReadAsk>) {
-    let rows = async {
-        let client = pooled(pool, database).await?;
-        // One snapshot for the record and its first chunk.
-        let stmt = client
-            .prepare_cached(
-                "SELECT r.record_id, r.header, r.blob_id, r.chunk_count, r.payload_size,
-                        r.payload_sha256, r.created_at, c.data
-                 FROM records r LEFT JOIN chunks c ON c.blob_id = r.blob_id AND c.seq = 0
-                 WHERE r.record_id = ANY($1)",
-            )
-            .await
-            .map_err(pg_err)?;
-        let ids: Vec<&[u8]> = batch.iter().map(|(id, _)| id.as_slice()).collect();
-        client.query(&stmt, &[&ids]).await.map_err(pg_err)
-    }
-    .await;
-    let rows = match rows {
-        Ok(rows) => rows,
-        Err(e) => {
-            // Every caller gets the statement's error.
-            let text = e.to_string();
-            for (_, reply) in batch.drain(..) {
-                let _ = reply.send(Err(same_kind(&e, text.clone())));
-            }
-            return;
-        }
-    };
-    let mut found: BTreeMap<Vec<u8>, Row> = BTreeMap::new();
-    for row in rows {
-        match get::<&[u8]>(&row, 0) {
-            Ok(id) => {
-                found.insert(id.to_vec(), row);
-            }
-            // An id that cannot be read cannot be one that was asked for.
-            Err(_) => continue,
-        }
-    }
+    let mut waiting: BTreeMap<RecordId, Vec<oneshot::Sender<Result<Option<RecordRead>>>>> =
+        BTreeMap::new();
     for (id, reply) in batch.drain(..) {
-        let answer = match found.get(id.as_slice()) {
-            None => Ok(None),
-            Some(row) => record_read(row).map(Some),
-        };
-        let _ = reply.send(answer);
+        waiting.entry(id).or_default().push(reply);
+    }
+    let ids: Vec<RecordId> = waiting.keys().copied().collect();
+    let streamed = stream_records(pool, database, &ids, |id, answer| {
+        if let Some(replies) = waiting.remove(&id) {
+            answer_all(replies, answer.map(Some));
+        }
+    })
+    .await;
+    match streamed {
+        Ok(()) => {
+            for (_, replies) in waiting {
+                answer_all(replies, Ok(None));
+            }
+        }
+        Err(e) if ids.len() == 1 => {
+            for (_, replies) in waiting {
+                answer_all(replies, Err(same_error(&e)));
+            }
+        }
+        Err(_) => {
+            for (id, replies) in waiting {
+                answer_all(replies, read_one(pool, database, &id).await);
+            }
+        }
     }
 }
 
-/// The same kind of error as `e`, for another caller of the same statement.
-fn same_kind(e: &ProxyError, text: String) -> ProxyError {
+/// Send `answer` to every caller in `replies` (copies for all but the last).
+fn answer_all(
+    replies: Vec<oneshot::Sender<Result<Option<RecordRead>>>>,
+    answer: Result<Option<RecordRead>>,
+) {
+    let mut replies = replies.into_iter().peekable();
+    while let Some(reply) = replies.next() {
+        if replies.peek().is_some() {
+            let copy = match &answer {
+                Ok(read) => Ok(read.clone()),
+                Err(e) => Err(same_error(e)),
+            };
+            let _ = reply.send(copy);
+        } else {
+            let _ = reply.send(answer);
+            return;
+        }
+    }
+}
+
+/// One record read on its own (the same statement with one id).
+async fn read_one(pool: &Pool, database: &str, id: &RecordId) -> Result<Option<RecordRead>> {
+    let mut out = Ok(None);
+    stream_records(pool, database, std::slice::from_ref(id), |_, answer| {
+        out = answer.map(Some);
+    })
+    .await?;
+    out
+}
+
+/// Run the gathered read for `ids` and call `each(id, record)` for every row
+/// as it arrives (a row that does not decode gives `Err(Corrupt)` for its id).
+async fn stream_records(
+    pool: &Pool,
+    database: &str,
+    ids: &[RecordId],
+    mut each: impl FnMut(RecordId, Result<RecordRead>),
+) -> Result<()> {
+    let client = pooled(pool, database).await?;
+    // One snapshot for the record and its first chunk.
+    let stmt = client
+        .prepare_cached(
+            "SELECT r.record_id, r.header, r.blob_id, r.chunk_count, r.payload_size,
+                    r.payload_sha256, r.created_at, c.data
+             FROM records r LEFT JOIN chunks c ON c.blob_id = r.blob_id AND c.seq = 0
+             WHERE r.record_id = ANY($1)",
+        )
+        .await
+        .map_err(pg_err)?;
+    let ids: Vec<&[u8]> = ids.iter().map(|id| id.as_slice()).collect();
+    let rows = client
+        .query_raw(&stmt, [&ids as &(dyn ToSql + Sync)])
+        .await
+        .map_err(pg_err)?;
+    tokio::pin!(rows);
+    while let Some(row) = rows.next().await {
+        let row = row.map_err(pg_err)?;
+        // An id that cannot be read cannot be one that was asked for.
+        let Ok(id) = get::<&[u8]>(&row, 0).and_then(|id| fixed(id, "record id")) else {
+            continue;
+        };
+        each(id, record_read(&row));
+    }
+    Ok(())
+}
+
+/// The same error again, for another caller of the same read.
+fn same_error(e: &ProxyError) -> ProxyError {
     match e {
-        ProxyError::Corrupt(_) => ProxyError::Corrupt(text),
-        _ => ProxyError::Backend(text),
+        ProxyError::Corrupt(m) => ProxyError::Corrupt(m.clone()),
+        ProxyError::Backend(m) => ProxyError::Backend(m.clone()),
+        other => ProxyError::Backend(other.to_string()),
     }
 }
 
@@ -940,13 +996,15 @@ impl Store for PgStore {
     }
 
     async fn read_record(&self, record_id: &RecordId) -> Result<Option<RecordRead>> {
-        let stopped = || ProxyError::Internal("the store's read workers have stopped".into());
         let (reply, answer) = oneshot::channel();
-        self.reads
-            .send((*record_id, reply))
-            .await
-            .map_err(|_| stopped())?;
-        answer.await.map_err(|_| stopped())?
+        if self.reads.send((*record_id, reply)).await.is_ok() {
+            if let Ok(read) = answer.await {
+                return read;
+            }
+        }
+        // The workers are gone (a bug, or a runtime shutting down): read
+        // directly rather than fail.
+        read_one(&self.pool, &self.database, record_id).await
     }
 
     async fn chunk(&self, blob_id: i64, seq: i64) -> Result<Option<Vec<u8>>> {
