@@ -75,6 +75,85 @@ pub fn raise_nofile_limit() -> Result<(u64, u64)> {
     rlimit::getrlimit(rlimit::Resource::NOFILE).context("reading RLIMIT_NOFILE")
 }
 
+/// Options both load generators share (`#[command(flatten)]` into their own).
+#[derive(clap::Args, Debug)]
+pub struct LoadArgs {
+    /// Storage backend of the node under load.
+    #[arg(long, value_enum)]
+    pub backend: Backend,
+    /// PostgreSQL URL of an EMPTY database for the node (postgres only).
+    /// Without it, a fresh database is created next to the one
+    /// MABE_TEST_DATABASE_URL names (as `scripts/with-postgres` exports it)
+    /// and dropped afterwards.
+    #[arg(long)]
+    pub database_url: Option<String>,
+    /// Measured calls per phase.
+    #[arg(long, default_value_t = 10_000)]
+    pub requests: usize,
+    /// Calls kept in flight at once (default: all of them).
+    #[arg(long, default_value_t = 10_000)]
+    pub in_flight: usize,
+    /// HTTP/2 connections the measured calls are spread over (round-robin).
+    #[arg(long, default_value_t = 32)]
+    pub connections: usize,
+    /// Passed to `serve --request-timeout` (default: the server's own, 30 s).
+    #[arg(long)]
+    pub request_timeout: Option<u64>,
+    /// The server's log filter; its log goes to a file that is printed if
+    /// the run fails.
+    #[arg(long, default_value = "warn")]
+    pub server_log: String,
+    /// This tool's own log filter (e.g. `h2=debug`), to stderr; off by
+    /// default. It shows why the client side of a connection closed.
+    #[arg(long)]
+    pub client_log: Option<String>,
+}
+
+impl LoadArgs {
+    /// Refuse zero counts, and install `--client-log` if given.
+    pub fn check(&self) -> Result<()> {
+        ensure!(self.requests > 0, "--requests must be at least 1");
+        ensure!(self.in_flight > 0, "--in-flight must be at least 1");
+        ensure!(self.connections > 0, "--connections must be at least 1");
+        if let Some(filter) = &self.client_log {
+            client_log(filter)?;
+        }
+        Ok(())
+    }
+
+    /// The node's PostgreSQL database (`None` for SQLite): `--database-url`,
+    /// or a fresh database named after `prefix`, dropped afterwards.
+    pub async fn database(&self, prefix: &str, deadline: Instant) -> Result<Option<PgDb>> {
+        Ok(match self.backend {
+            Backend::Sqlite => {
+                ensure!(
+                    self.database_url.is_none(),
+                    "--database-url is for --backend postgres"
+                );
+                None
+            }
+            Backend::Postgres => Some(match &self.database_url {
+                Some(url) => PgDb::existing(url.clone()),
+                None => PgDb::fresh(prefix, deadline).await?,
+            }),
+        })
+    }
+
+    /// Print the latency table of `rows`, then their CPU table if any
+    /// (`per_request`: with the per-request columns).
+    pub fn print_tables(&self, rows: &[Outcome], per_request: bool) {
+        println!("{}", table_header());
+        for r in rows {
+            println!("{}", r.markdown(self.backend));
+        }
+        let cpu = cpu_table(self.backend, rows, per_request);
+        if !cpu.is_empty() {
+            println!();
+            print!("{cpu}");
+        }
+    }
+}
+
 /// Send this process's own `tracing` output (h2, hyper, tonic) to stderr,
 /// filtered by `filter` (`RUST_LOG` syntax, e.g. `h2=debug`).
 ///

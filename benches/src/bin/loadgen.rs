@@ -40,8 +40,8 @@ use ed25519_dalek::{Signer, SigningKey};
 use mabe_abe::{AttributePublicKey, Gid, UserKey, UserKeyRing};
 use mabe_authority::{admin_client::signed, datadir::DataDir, node::now};
 use mabe_benches::load::{
-    Backend, Outcome, PgDb, Server, connect, cpu_table, ensure_nofile_for, measure, print_log,
-    run_cli, setup_calls, sibling_bin, table_header, why,
+    LoadArgs, Outcome, Server, connect, ensure_nofile_for, measure, print_log, run_cli,
+    setup_calls, sibling_bin, why,
 };
 use mabe_benches::note;
 use mabe_proto::{
@@ -80,27 +80,11 @@ enum Scenario {
 #[derive(Parser, Debug)]
 #[command(name = "mabe-loadgen", version)]
 struct Args {
-    /// Storage backend of the node under load.
-    #[arg(long, value_enum)]
-    backend: Backend,
-    /// PostgreSQL URL of an EMPTY database for the node (postgres only).
-    /// Without it, a fresh database is created next to the one
-    /// MABE_TEST_DATABASE_URL names (as `scripts/with-postgres` exports) and
-    /// dropped afterwards.
-    #[arg(long)]
-    database_url: Option<String>,
+    #[command(flatten)]
+    load: LoadArgs,
     /// What to measure.
     #[arg(long, value_enum, default_value = "both")]
     scenario: Scenario,
-    /// Measured calls per scenario.
-    #[arg(long, default_value_t = 10_000)]
-    requests: usize,
-    /// Calls kept in flight at once (default: all of them).
-    #[arg(long, default_value_t = 10_000)]
-    in_flight: usize,
-    /// HTTP/2 connections the measured calls are spread over (round-robin).
-    #[arg(long, default_value_t = 32)]
-    connections: usize,
     /// People enrolled (default: one per measured call); each makes
     /// requests/people calls, every fetch with its own nonce.
     #[arg(long)]
@@ -114,31 +98,14 @@ struct Args {
     /// Deadline for the whole run, setup and checks included, in seconds.
     #[arg(long, default_value_t = 300)]
     max_seconds: u64,
-    /// Passed to `serve --request-timeout` (default: the server's own, 30 s).
-    #[arg(long)]
-    request_timeout: Option<u64>,
     /// Fetched keys checked with the pairing check after the fetch phase.
     #[arg(long, default_value_t = 50)]
     verify_keys: usize,
-    /// The server's log filter (MABE_LOG); its log goes to a file that is
-    /// printed if the run fails.
-    #[arg(long, default_value = "warn")]
-    server_log: String,
-    /// This tool's own log filter (e.g. `h2=debug`), to stderr; off by
-    /// default. It shows why the client side of a connection closed.
-    #[arg(long)]
-    client_log: Option<String>,
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    if let Some(filter) = &args.client_log {
-        if let Err(e) = mabe_benches::load::client_log(filter) {
-            eprintln!("mabe-loadgen: error: {e:#}");
-            return ExitCode::FAILURE;
-        }
-    }
     match run(&args).await {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
@@ -151,37 +118,26 @@ async fn main() -> ExitCode {
 
 /// Whether the run passed; the table is printed either way.
 async fn run(args: &Args) -> Result<bool> {
-    ensure!(args.requests > 0, "--requests must be at least 1");
-    ensure!(args.in_flight > 0, "--in-flight must be at least 1");
-    ensure!(args.connections > 0, "--connections must be at least 1");
+    args.load.check()?;
     ensure!(
         args.setup_in_flight > 0,
         "--setup-in-flight must be at least 1"
     );
-    let people = args.people.unwrap_or(args.requests).clamp(1, args.requests);
+    let people = args
+        .people
+        .unwrap_or(args.load.requests)
+        .clamp(1, args.load.requests);
     let deadline = Instant::now() + Duration::from_secs(args.max_seconds);
     // Each connection is one socket here and one in the server (which
     // inherits this limit); public and admin connections.
-    ensure_nofile_for(2 * args.connections)?;
+    ensure_nofile_for(2 * args.load.connections)?;
     let bin = sibling_bin(
         "mabe-authority",
         args.authority_bin.as_deref(),
         "mabe-authority",
     )?;
     let tmp = tempfile::tempdir().context("creating a temporary directory")?;
-    let db = match args.backend {
-        Backend::Sqlite => {
-            ensure!(
-                args.database_url.is_none(),
-                "--database-url is for --backend postgres"
-            );
-            None
-        }
-        Backend::Postgres => Some(match &args.database_url {
-            Some(url) => PgDb::existing(url.clone()),
-            None => PgDb::fresh("mabe_load", deadline).await?,
-        }),
-    };
+    let db = args.load.database("mabe_load", deadline).await?;
     let node = Authority {
         bin,
         dir: tmp.path().join("data"),
@@ -192,15 +148,7 @@ async fn run(args: &Args) -> Result<bool> {
         db.drop_database().await;
     }
     let (rows, ok) = result?;
-    println!("{}", table_header());
-    for r in &rows {
-        println!("{}", r.markdown(args.backend));
-    }
-    let cpu = cpu_table(args.backend, &rows, false);
-    if !cpu.is_empty() {
-        println!();
-        print!("{cpu}");
-    }
+    args.load.print_tables(&rows, false);
     Ok(ok)
 }
 
@@ -235,18 +183,23 @@ async fn drive(
 
     let log = tmp.join("server.log");
     let mut server = node
-        .serve(args.request_timeout, &args.server_log, &log, deadline)
+        .serve(
+            args.load.request_timeout,
+            &args.load.server_log,
+            &log,
+            deadline,
+        )
         .await?;
     note!(
         "{} node serving on {} (admin {}), init {:.1?}",
-        args.backend.name(),
+        args.load.backend.name(),
         server.public,
         server.admin,
         started.elapsed()
     );
     let result = async {
-        let publics = connect(&cert, server.public, args.connections, deadline).await?;
-        let admins = connect(&cert, server.admin, args.connections, deadline).await?;
+        let publics = connect(&cert, server.public, args.load.connections, deadline).await?;
+        let admins = connect(&cert, server.admin, args.load.connections, deadline).await?;
         let ctx = Ctx {
             publics,
             admins,
@@ -462,7 +415,7 @@ async fn fetch_scenario(ctx: &Ctx, args: &Args, persons: &Arc<Vec<Person>>) -> R
     let pk = AttributePublicKey::from_bytes(&entry.public_key)?;
 
     // Build (and sign) every request before the clock starts.
-    let calls: Vec<_> = (0..args.requests)
+    let calls: Vec<_> = (0..args.load.requests)
         .map(|i| {
             let p = &persons[i % persons.len()];
             let attributes = vec![attribute.clone()];
@@ -500,15 +453,15 @@ async fn fetch_scenario(ctx: &Ctx, args: &Args, persons: &Arc<Vec<Person>>) -> R
         .collect();
     note!(
         "fetch: {} calls by {} people, {} in flight over {} connections",
-        args.requests,
+        args.load.requests,
         persons.len(),
-        args.in_flight.min(args.requests),
+        args.load.in_flight.min(args.load.requests),
         ctx.publics.len()
     );
     let (mut outcome, ok) = measure(
         "fetch",
         calls,
-        args.in_flight,
+        args.load.in_flight,
         ctx.publics.len(),
         ctx.deadline,
         ctx.server_pid,
@@ -542,7 +495,7 @@ async fn decide_scenario(ctx: &Ctx, args: &Args, persons: &Arc<Vec<Person>>) -> 
     let attribute = format!("{REQUESTED}@{AUTHORITY}");
     let ids = setup_calls(
         "attribute requests",
-        args.requests,
+        args.load.requests,
         ctx.setup_in_flight,
         ctx.deadline,
         |i| {
@@ -612,13 +565,13 @@ async fn decide_scenario(ctx: &Ctx, args: &Args, persons: &Arc<Vec<Person>>) -> 
     note!(
         "decide: {} decisions, {} in flight over {} admin connections",
         calls.len(),
-        args.in_flight.min(calls.len()),
+        args.load.in_flight.min(calls.len()),
         ctx.admins.len()
     );
     let (mut outcome, _) = measure(
         "approve/deny",
         calls,
-        args.in_flight,
+        args.load.in_flight,
         ctx.admins.len(),
         ctx.deadline,
         ctx.server_pid,

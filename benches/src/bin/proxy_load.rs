@@ -46,8 +46,8 @@ use ark_std::rand::rngs::OsRng;
 use clap::Parser;
 use mabe_abe::{EncryptOptions, Header, PublicKeyRing};
 use mabe_benches::load::{
-    Backend, Outcome, PgDb, Server, connect, cpu_table, ensure_nofile_for, measure, print_log,
-    run_cli, setup_calls, sibling_bin, table_header, why,
+    LoadArgs, Outcome, Server, connect, ensure_nofile_for, measure, print_log, run_cli,
+    setup_calls, sibling_bin, why,
 };
 use mabe_benches::{attributes, fixture, flat_policy, note};
 use mabe_proto::v1::{
@@ -64,15 +64,8 @@ const PROXY_ID: &str = "load-proxy";
 #[derive(Parser, Debug)]
 #[command(name = "mabe-proxy-load", version)]
 struct Args {
-    /// Storage backend of the node under load.
-    #[arg(long, value_enum)]
-    backend: Backend,
-    /// PostgreSQL URL of an EMPTY database for the node (postgres only).
-    /// Without it, a fresh database is created next to the one
-    /// MABE_TEST_DATABASE_URL names (as `scripts/with-postgres` exports it)
-    /// and dropped afterwards.
-    #[arg(long)]
-    database_url: Option<String>,
+    #[command(flatten)]
+    load: LoadArgs,
     /// Records stored before the reads.
     #[arg(long, default_value_t = 10_000)]
     records: usize,
@@ -84,15 +77,6 @@ struct Args {
     /// over two authorities.
     #[arg(long, default_value_t = 2)]
     rows: usize,
-    /// Measured `GetRecord` calls per run (call i reads record i mod records).
-    #[arg(long, default_value_t = 10_000)]
-    requests: usize,
-    /// Calls kept in flight at once (default: all of them).
-    #[arg(long, default_value_t = 10_000)]
-    in_flight: usize,
-    /// HTTP/2 connections the measured calls are spread over (round-robin).
-    #[arg(long, default_value_t = 32)]
-    connections: usize,
     /// Measured runs against the same node and records.
     #[arg(long, default_value_t = 1)]
     runs: usize,
@@ -112,28 +96,11 @@ struct Args {
     /// Deadline for the whole run, setup and checks included, in seconds.
     #[arg(long, default_value_t = 600)]
     max_seconds: u64,
-    /// Passed to `serve --request-timeout` (default: the server's own, 30 s).
-    #[arg(long)]
-    request_timeout: Option<u64>,
-    /// The server's log filter (RUST_LOG); its log goes to a file that is
-    /// printed if the run fails.
-    #[arg(long, default_value = "warn")]
-    server_log: String,
-    /// This tool's own log filter (e.g. `h2=debug`), to stderr; off by
-    /// default. It shows why the client side of a connection closed.
-    #[arg(long)]
-    client_log: Option<String>,
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    if let Some(filter) = &args.client_log {
-        if let Err(e) = mabe_benches::load::client_log(filter) {
-            note!("error: {e:#}");
-            return ExitCode::FAILURE;
-        }
-    }
     match run(&args).await {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
@@ -147,9 +114,7 @@ async fn main() -> ExitCode {
 /// Whether the run passed; the tables are printed either way.
 async fn run(args: &Args) -> Result<bool> {
     ensure!(args.records > 0, "--records must be at least 1");
-    ensure!(args.requests > 0, "--requests must be at least 1");
-    ensure!(args.in_flight > 0, "--in-flight must be at least 1");
-    ensure!(args.connections > 0, "--connections must be at least 1");
+    args.load.check()?;
     ensure!(args.runs > 0, "--runs must be at least 1");
     ensure!((1..=100).contains(&args.rows), "--rows must be 1 to 100");
     ensure!(
@@ -157,22 +122,10 @@ async fn run(args: &Args) -> Result<bool> {
         "--upload-in-flight must be at least 1"
     );
     let deadline = Instant::now() + Duration::from_secs(args.max_seconds);
-    ensure_nofile_for(args.connections + args.upload_in_flight.min(32))?;
+    ensure_nofile_for(args.load.connections + args.upload_in_flight.min(32))?;
     let bin = sibling_bin("mabe-proxy", args.proxy_bin.as_deref(), "mabe-proxy")?;
     let tmp = tempfile::tempdir().context("creating a temporary directory")?;
-    let db = match args.backend {
-        Backend::Sqlite => {
-            ensure!(
-                args.database_url.is_none(),
-                "--database-url is for --backend postgres"
-            );
-            None
-        }
-        Backend::Postgres => Some(match &args.database_url {
-            Some(url) => PgDb::existing(url.clone()),
-            None => PgDb::fresh("mabe_proxy_load", deadline).await?,
-        }),
-    };
+    let db = args.load.database("mabe_proxy_load", deadline).await?;
     let node = ProxyNode {
         bin,
         dir: tmp.path().join("proxy"),
@@ -183,15 +136,7 @@ async fn run(args: &Args) -> Result<bool> {
         db.drop_database().await;
     }
     let (rows, ok) = result?;
-    println!("{}", table_header());
-    for r in &rows {
-        println!("{}", r.markdown(args.backend));
-    }
-    let cpu = cpu_table(args.backend, &rows, true);
-    if !cpu.is_empty() {
-        println!();
-        print!("{cpu}");
-    }
+    args.load.print_tables(&rows, true);
     Ok(ok)
 }
 
@@ -231,10 +176,10 @@ impl ProxyNode {
             "--admin-listen",
             "127.0.0.1:0",
         ]);
-        if let Some(t) = args.request_timeout {
+        if let Some(t) = args.load.request_timeout {
             c.arg("--request-timeout").arg(t.to_string());
         }
-        c.env("RUST_LOG", &args.server_log);
+        c.env("RUST_LOG", &args.load.server_log);
         Server::start(c, log, deadline)
             .await
             .with_context(|| format!("starting {} serve", self.bin.display()))
@@ -351,7 +296,7 @@ async fn drive(
     let mut server = node.serve(args, &log, deadline).await?;
     note!(
         "{} proxy serving on {} (admin {}), init {:.1?}",
-        args.backend.name(),
+        args.load.backend.name(),
         server.public,
         server.admin,
         started.elapsed()
@@ -378,7 +323,7 @@ async fn measured_runs(
     server: &Server,
     deadline: Instant,
 ) -> Result<(Vec<Outcome>, bool)> {
-    let channels = connect(cert, server.public, args.connections, deadline).await?;
+    let channels = connect(cert, server.public, args.load.connections, deadline).await?;
     let upload_channels =
         connect(cert, server.public, args.upload_in_flight.min(32), deadline).await?;
     let t = Instant::now();
@@ -476,7 +421,7 @@ async fn get(
     Ok((head, chunks))
 }
 
-/// One measured run of `args.requests` reads, then the checks of every answer.
+/// One measured run of `args.load.requests` reads, then the checks of every answer.
 async fn read_phase(
     args: &Args,
     scenario: &str,
@@ -485,7 +430,7 @@ async fn read_phase(
     server: &Server,
     deadline: Instant,
 ) -> Result<Outcome> {
-    let calls: Vec<_> = (0..args.requests)
+    let calls: Vec<_> = (0..args.load.requests)
         .map(|i| {
             let channel = channels[i % channels.len()].clone();
             let client =
@@ -496,15 +441,15 @@ async fn read_phase(
         .collect();
     note!(
         "{scenario}: {} calls over {} records, {} in flight over {} connections",
-        args.requests,
+        args.load.requests,
         stored.len(),
-        args.in_flight.min(args.requests),
+        args.load.in_flight.min(args.load.requests),
         channels.len()
     );
     let (mut outcome, answers) = measure(
         scenario,
         calls,
-        args.in_flight,
+        args.load.in_flight,
         channels.len(),
         deadline,
         server.child.id(),
