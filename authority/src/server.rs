@@ -110,21 +110,12 @@ pub enum ServeError {
 /// Deadline for the admin listener's TLS handshakes.
 const ADMIN_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Streams one HTTP/2 connection may have open at once (advertised as
-/// `SETTINGS_MAX_CONCURRENT_STREAMS`), and the calls one connection may have
-/// in service. A client with more calls queues them on its side. Without the
-/// bound, a client's thousands of small request frames wait unread in h2's
-/// buffers, exhaust h2's per-connection budget for small DATA frames, and
-/// h2 closes the whole connection (GOAWAY `ENHANCE_YOUR_CALM`), failing
-/// every call on it.
-pub const MAX_STREAMS_PER_CONNECTION: u32 = 256;
-
 /// A server builder; `tls` makes tonic terminate TLS (the public listener).
 fn builder(opts: &ServeOptions, tls: Option<&TlsPem>) -> Result<Server, ServeError> {
     let mut b = Server::builder()
         .timeout(opts.request_timeout)
-        .concurrency_limit_per_connection(MAX_STREAMS_PER_CONNECTION as usize)
-        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+        .concurrency_limit_per_connection(mabe_proto::MAX_STREAMS_PER_CONNECTION as usize)
+        .max_concurrent_streams(mabe_proto::MAX_STREAMS_PER_CONNECTION)
         .http2_keepalive_interval(Some(Duration::from_secs(30)));
     if let Some(tls) = tls {
         b =

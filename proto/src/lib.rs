@@ -26,3 +26,16 @@ pub mod signing;
 /// Largest gRPC message either side accepts (4 MiB: a directory of a few
 /// thousand attributes, or a key batch, fits easily).
 pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+
+/// Streams one HTTP/2 connection to a mabe server may have open at once
+/// (advertised as `SETTINGS_MAX_CONCURRENT_STREAMS`), and the calls one
+/// connection may have in service. A client with more calls queues them on
+/// its side. Without the bound, a client's thousands of small request frames
+/// wait unread in h2's buffers, exhaust h2's per-connection budget for small
+/// DATA frames, and h2 closes the whole connection (GOAWAY
+/// `ENHANCE_YOUR_CALM`), failing every call on it.
+///
+/// ```
+/// assert_eq!(mabe_proto::MAX_STREAMS_PER_CONNECTION, 256);
+/// ```
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 256;
